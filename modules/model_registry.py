@@ -477,6 +477,16 @@ class ModelRegistry:
         self._snapshot: _Snapshot | None = None
 
     @property
+    def ckpt_dir(self) -> str | None:
+        """The checkpoints folder being scanned (absolute)."""
+        return self._ckpt_dir
+
+    @property
+    def vae_dir(self) -> str | None:
+        """The VAE folder being scanned (absolute)."""
+        return self._vae_dir
+
+    @property
     def hashing(self) -> bool:
         """Whether sha256 values are computed (False under ``--no-hashing``)."""
         return self._hashing

@@ -1,0 +1,239 @@
+"""Athanor: a Stable Diffusion web UI with A1111's prompt language, API and metadata.
+
+    python app.py [--port 7860] [--listen --auth user:pass] [--api] [--ckpt FILE] ...
+
+Starts one server: the Gradio page at /, and with --api the A1111-compatible /sdapi/v1 routes.
+"""
+from __future__ import annotations
+
+import os
+
+# Nothing may reach the network: set before diffusers, transformers or gradio are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["DIFFUSERS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["DO_NOT_TRACK"] = "1"
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("athanor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="app.py",
+        description="Athanor: Stable Diffusion in the browser, with AUTOMATIC1111's prompt syntax, API and metadata.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    net = p.add_argument_group("serving")
+    net.add_argument("--port", type=int, default=7860, help="port to serve the UI and API on")
+    net.add_argument("--listen", action="store_true",
+                     help="bind 0.0.0.0 so other machines can connect (requires --auth or --auth-file)")
+    net.add_argument("--auth", default=None, help="logins as user:pass[,user2:pass2]; required with --listen")
+    net.add_argument("--auth-file", default=None, help="file with user:pass logins, one per line or comma-separated")
+    net.add_argument("--insecure-no-auth", action="store_true",
+                     help="allow --listen without logins (only on a network you fully trust)")
+    net.add_argument("--api", action="store_true", help="serve the A1111-compatible API under /sdapi/v1")
+    net.add_argument("--nowebui", action="store_true", help="serve only the API, no browser page (implies --api)")
+    paths = p.add_argument_group("paths")
+    paths.add_argument("--data-dir", default=str(REPO_ROOT),
+                       help="base folder for models/, outputs/, config.json and user extensions")
+    paths.add_argument("--ckpt", default=None, help="checkpoint to load at start (a file anywhere, or a title)")
+    paths.add_argument("--ckpt-dir", default=None, help="checkpoints folder (default DATA_DIR/models/Stable-diffusion)")
+    paths.add_argument("--vae-dir", default=None, help="VAE folder (default DATA_DIR/models/VAE)")
+    paths.add_argument("--embeddings-dir", default=None, help="textual inversion folder (default DATA_DIR/models/embeddings)")
+    paths.add_argument("--hypernetwork-dir", default=None, help="hypernetworks folder (default DATA_DIR/models/hypernetworks)")
+    paths.add_argument("--lora-dir", default=None, help="LoRA folder (default DATA_DIR/models/Lora)")
+    dev = p.add_argument_group("device")
+    dev.add_argument("--device", default=None, help="torch device: cuda, cuda:1, mps or cpu (default: best available)")
+    dev.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                     help="weights precision on GPU (auto = fp16; CPU always uses fp32)")
+    dev.add_argument("--no-half", action="store_true", help="use float32 everywhere, even on a GPU")
+    dev.add_argument("--no-hashing", action="store_true", help="do not compute sha256 of checkpoints (titles without hash)")
+    return p
+
+
+@dataclass
+class Paths:
+    data_dir: Path
+    ckpt_dir: Path
+    vae_dir: Path
+    embeddings_dir: Path
+    hypernetwork_dir: Path
+    lora_dir: Path
+    outputs_dir: Path
+    config_file: Path
+    cache_dir: Path
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Paths":
+        data = Path(args.data_dir).resolve()
+        models = data / "models"
+        return cls(
+            data_dir=data,
+            ckpt_dir=Path(args.ckpt_dir or models / "Stable-diffusion").resolve(),
+            vae_dir=Path(args.vae_dir or models / "VAE").resolve(),
+            embeddings_dir=Path(args.embeddings_dir or models / "embeddings").resolve(),
+            hypernetwork_dir=Path(args.hypernetwork_dir or models / "hypernetworks").resolve(),
+            lora_dir=Path(args.lora_dir or models / "Lora").resolve(),
+            outputs_dir=data / "outputs",
+            config_file=data / "config.json",
+            cache_dir=data / "cache",
+        )
+
+    def create(self) -> None:
+        for folder in (self.ckpt_dir, self.vae_dir, self.embeddings_dir, self.hypernetwork_dir, self.lora_dir,
+                       self.outputs_dir, self.cache_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def parse_logins(auth: str | None, auth_file: str | None) -> dict[str, str]:
+    """`user:pass,user2:pass2` (and the same in a file, also one per line) -> {user: pass}."""
+    text = ",".join(filter(None, [auth, Path(auth_file).read_text(encoding="utf-8") if auth_file else None]))
+    logins = {}
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"Login {item!r} must look like user:password")
+        logins[user] = password
+    return logins
+
+
+@dataclass
+class App:
+    """Owns the settings, the model manager, the job queue and the hooks; hands each part what it needs."""
+
+    args: argparse.Namespace
+    paths: Paths
+    logins: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from modules.devices import choose_device
+        from modules.hooks import HookRegistry
+        from modules.jobs import JobQueue
+        from modules.model_manager import ModelManager
+        from modules.model_registry import HashCache, ModelRegistry
+        from modules.options import Options
+
+        self.paths.create()
+        self.opts = Options(self.paths.config_file)
+        self.hooks = HookRegistry()
+        self.device = choose_device(self.args.device, self.args.precision, self.args.no_half)
+        extra = None
+        if self.args.ckpt and Path(self.args.ckpt).is_file():
+            extra = Path(self.args.ckpt).resolve()
+        self.registry = ModelRegistry(self.paths.ckpt_dir, self.paths.vae_dir,
+                                      HashCache(self.paths.cache_dir / "hashes.json"),
+                                      extra_checkpoint=extra, hashing=not self.args.no_hashing)
+        self.registry.refresh()
+        self.notices: list[str] = []
+        self.models = ModelManager(self.registry, self.device, hooks=self.hooks, on_notice=self._notice)
+        self.queue = JobQueue(self._run_job)
+
+    def _notice(self, message: str) -> None:
+        log.warning(message)
+        if message not in self.notices:
+            self.notices.append(message)
+
+    # -- model --------------------------------------------------------------------------
+    def load_initial_model(self) -> None:
+        wanted = None
+        if self.args.ckpt:
+            wanted = str(Path(self.args.ckpt).resolve()) if Path(self.args.ckpt).is_file() else self.args.ckpt
+            info = self.registry.find_checkpoint(wanted) or self.registry.find_checkpoint(Path(wanted).name)
+            wanted = info.title if info else wanted
+        elif self.opts.get("sd_model_checkpoint") and self.registry.find_checkpoint(self.opts.get("sd_model_checkpoint")):
+            wanted = self.opts.get("sd_model_checkpoint")
+        try:
+            active = self.models.ensure(wanted, self.opts.get("sd_vae"))
+        except ValueError as exc:
+            self._notice(f"Could not load the checkpoint: {exc}. Starting with the first one available.")
+            active = self.models.ensure(None)
+        log.info("Model ready: %s on %s", active.title, self.device.label)
+
+    # -- jobs ---------------------------------------------------------------------------
+    def submit(self, request, owner: str = "local"):
+        return self.queue.submit(request, owner)
+
+    def _run_job(self, job):
+        from modules.processing import ProcessingContext, process_txt2img
+
+        req = job.request
+        overrides = dict(req.override_settings)
+        if req.clip_skip is not None:
+            overrides["CLIP_stop_at_last_layers"] = req.clip_skip
+        opts = self.opts.snapshot(overrides)
+        with self.models.lock:
+            active = self.models.ensure(req.checkpoint or overrides.get("sd_model_checkpoint") or None,
+                                        opts.get("sd_vae", "Automatic"))
+            ctx = ProcessingContext(model=active.model, model_ref=active.ref, opts=opts,
+                                    device=self.device.device, dtype=self.device.dtype,
+                                    outputs_dir=self.paths.outputs_dir, hooks=self.hooks,
+                                    control=job.control, progress=job.progress)
+            return process_txt2img(req, ctx)
+
+
+def create_server(app: App):
+    """The FastAPI app: Gradio page at / (unless --nowebui)."""
+    from fastapi import FastAPI
+
+    server = FastAPI(title="Athanor", docs_url="/docs", redoc_url=None)
+    app.server = server
+    if not app.args.nowebui:
+        import gradio as gr
+
+        from modules.ui import CSS, build_ui, ui_theme
+
+        blocks = build_ui(app)
+        gr.mount_gradio_app(server, blocks, path="/", theme=ui_theme(), css=CSS, footer_links=[],
+                            auth=(list(app.logins.items()) or None), show_error=True)
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.nowebui:
+        args.api = True
+    try:
+        logins = parse_logins(args.auth, args.auth_file)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.listen and not logins and not args.insecure_no_auth:
+        print("error: --listen makes the server reachable from the network; add --auth user:password "
+              "(or --auth-file FILE). On a network you fully trust, --insecure-no-auth allows it without logins.",
+              file=sys.stderr)
+        return 2
+    if args.listen and not logins:
+        log.warning("Listening on the network WITHOUT authentication (--insecure-no-auth): anyone who can reach "
+                    "this machine can use it.")
+    app = App(args=args, paths=Paths.from_args(args), logins=logins)
+    app.load_initial_model()
+    app.queue.start()
+    server = create_server(app)
+
+    import uvicorn
+
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    print(f"Athanor running on http://{'127.0.0.1' if not args.listen else host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(server, host=host, port=args.port, log_level="warning")
+    finally:
+        outcome = app.queue.shutdown(wait=10)
+        if outcome["cancelled"] or outcome["finished"]:
+            log.info("Shutdown: finished %s, cancelled %s", outcome["finished"], outcome["cancelled"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The sampling loop: diffusers' scheduler math, our control of every step.
+
+`run_sampler` is the whole loop (k-diffusion style: a small function of the scheduler, the latent,
+the guided model and a callback). `CFGDenoiser` is the guided model: per step it picks each
+image's scheduled conditioning (prompt editing, alternation), runs the UNet on the conds and
+unconds, and combines them as composable diffusion:
+
+    out = uncond + sum_i( w_i * cfg * (cond_i - uncond) )
+
+which for a single cond with weight 1 is ordinary classifier-free guidance. It is linear in the
+model output, so it is the same whether the UNet predicts noise (epsilon) or velocity (v).
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import torch
+
+from modules.conditioning import Conditioning, MultiCondSchedule, PromptSchedule, pad_to_length
+from modules.hooks import AfterCFGParams, CFGDenoiserParams, HookRegistry
+
+
+class Interrupted(Exception):
+    """The user stopped the job; images of the current batch are kept as they are."""
+
+
+@dataclass
+class JobControl:
+    """Interrupt (stop the job) and skip (stop this batch, go on with the next) flags of one job."""
+
+    interrupted: threading.Event = field(default_factory=threading.Event)
+    skipped: threading.Event = field(default_factory=threading.Event)
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
+
+    def skip(self) -> None:
+        self.skipped.set()
+
+    def should_stop_sampling(self) -> bool:
+        return self.interrupted.is_set() or self.skipped.is_set()
+
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor | None], None]
+
+
+@lru_cache(maxsize=64)
+def _step_accepts(scheduler_cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(scheduler_cls.step).parameters)
+
+
+def run_sampler(scheduler, x: torch.Tensor, model: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor], *,
+                generator: Sequence[torch.Generator] | None = None, eta: float | None = None,
+                control: JobControl | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+    """Denoise `x` over `scheduler.timesteps` (already set, and sliced for img2img).
+
+    model(x_scaled, t, step_index, total_steps) -> guided model output.
+    Interrupt and skip are checked before every step; the latent reached so far is returned.
+    """
+    accepts = _step_accepts(type(scheduler))
+    step_kwargs = {}
+    if generator is not None and "generator" in accepts:
+        step_kwargs["generator"] = list(generator) if len(generator) > 1 else generator[0]
+    if eta is not None and "eta" in accepts:
+        step_kwargs["eta"] = eta
+    timesteps = scheduler.timesteps
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
+        if control is not None and control.should_stop_sampling():
+            break
+        model_input = scheduler.scale_model_input(x, t)
+        output = model(model_input, t, i, total)
+        result = scheduler.step(output, t, x, return_dict=True, **step_kwargs)
+        x = result.prev_sample
+        if callback is not None:
+            callback(i, total, x, getattr(result, "pred_original_sample", None))
+    return x
+
+
+@dataclass
+class CFGDenoiser:
+    """The UNet with per-step conditioning and classifier-free guidance for a batch of images."""
+
+    unet: torch.nn.Module
+    conds: Sequence[MultiCondSchedule]  # one per image
+    unconds: Sequence[PromptSchedule]  # one per image
+    cfg_scale: float
+    time_ids: torch.Tensor | None = None  # SDXL size/crop conditions, [B, 6]
+    image_cond: torch.Tensor | None = None  # inpainting models: mask + masked-image latents, [B, 5, h, w]
+    empty: Conditioning | None = None  # for pad_cond_uncond
+    pad_cond_uncond: bool = False
+    hooks: HookRegistry | None = None
+    calls: int = 0  # UNet evaluations, for tests and benchmarks
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, conds: list[Conditioning], rows: list[int],
+              image_cond: torch.Tensor | None) -> torch.Tensor:
+        dtype = self.unet.dtype
+        length = max(c.length for c in conds)
+        context = torch.cat([pad_to_length(c.context, length) for c in conds]).to(dtype)
+        x_rows = x[rows]
+        if image_cond is not None:
+            x_rows = torch.cat([x_rows, image_cond[rows].to(x_rows)], dim=1)
+        kwargs = {}
+        if self.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([c.pooled for c in conds]).to(dtype),
+                "time_ids": self.time_ids[rows].to(dtype),
+            }
+        self.calls += 1
+        out = self.unet(x_rows.to(dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        return out.float()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int, total: int) -> torch.Tensor:
+        batch = x.shape[0]
+        cond_lists = [[(sched.at_step(step), weight) for sched, weight in self.conds[b].parts] for b in range(batch)]
+        unconds = [self.unconds[b].at_step(step) for b in range(batch)]
+        image_cond = self.image_cond
+        if self.hooks is not None and self.hooks.has("cfg_denoiser"):
+            params = self.hooks.run("cfg_denoiser", CFGDenoiserParams(
+                x=x, image_cond=image_cond, timestep=t, sampling_step=step, total_sampling_steps=total,
+                text_cond=cond_lists, text_uncond=unconds))
+            x, image_cond, cond_lists, unconds = params.x, params.image_cond, params.text_cond, params.text_uncond
+
+        cond_rows = [b for b in range(batch) for _ in cond_lists[b]]
+        conds = [c for b in range(batch) for c, _ in cond_lists[b]]
+        weights = [w for b in range(batch) for _, w in cond_lists[b]]
+        skip_uncond = self.cfg_scale == 1 and all(len(cl) == 1 and cl[0][1] == 1 for cl in cond_lists)
+
+        cond_len = max(c.length for c in conds)
+        uncond_len = max(u.length for u in unconds)
+        if skip_uncond:
+            cond_out = self._unet(x, t, conds, cond_rows, image_cond)
+            uncond_out = None
+        elif cond_len == uncond_len or self.pad_cond_uncond:
+            if cond_len != uncond_len:
+                conds = [self._pad_with_empty(c, max(cond_len, uncond_len)) for c in conds]
+                unconds = [self._pad_with_empty(u, max(cond_len, uncond_len)) for u in unconds]
+            out = self._unet(x, t, conds + unconds, cond_rows + list(range(batch)), image_cond)
+            cond_out, uncond_out = out[: len(conds)], out[len(conds):]
+        else:  # different lengths: A1111 runs conds and unconds as separate batches
+            cond_out = self._unet(x, t, conds, cond_rows, image_cond)
+            uncond_out = self._unet(x, t, unconds, list(range(batch)), image_cond)
+
+        if uncond_out is None:
+            guided = cond_out
+        else:
+            guided = uncond_out.clone()
+            for row, (b, weight) in enumerate(zip(cond_rows, weights)):
+                guided[b] += weight * self.cfg_scale * (cond_out[row] - uncond_out[b])
+
+        if self.hooks is not None and self.hooks.has("cfg_after_cfg"):
+            guided = self.hooks.run("cfg_after_cfg", AfterCFGParams(guided, step, total)).x
+        return guided
+
+    def _pad_with_empty(self, cond: Conditioning, length: int) -> Conditioning:
+        if cond.length >= length or self.empty is None:
+            return cond
+        reps = (length - cond.length) // self.empty.length
+        context = torch.cat([cond.context] + [self.empty.context] * reps, dim=1)
+        return Conditioning(context, cond.pooled)
+
+
+# -- live previews ----------------------------------------------------------------------------
+# Linear latent -> RGB maps (A1111's "Approx cheap"): no extra weights, good enough for a preview.
+_CHEAP_SD = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
+                          [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]])
+_CHEAP_SDXL = torch.tensor([[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250],
+                            [0.1074, 0.0886, -0.0163], [-0.3730, -0.2499, -0.2088]])
+_CHEAP_SDXL_BIAS = torch.tensor([0.1381, 0.0679, 0.0396])
+
+
+def latent_preview_cheap(latent: torch.Tensor, is_sdxl: bool) -> torch.Tensor:
+    """[B,4,h,w] latent -> [B,3,h,w] RGB in 0..1 (eighth resolution)."""
+    lat = latent[:, :4].float().cpu()
+    if is_sdxl:
+        rgb = torch.einsum("bchw,cr->brhw", lat, _CHEAP_SDXL) + _CHEAP_SDXL_BIAS.reshape(1, 3, 1, 1)
+    else:
+        rgb = torch.einsum("bchw,cr->brhw", lat, _CHEAP_SD)
+    return ((rgb + 1) / 2).clamp(0, 1)
