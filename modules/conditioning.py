@@ -265,13 +265,15 @@ def _vectors_for(embedding: EmbeddingVectors, slot_index: int) -> torch.Tensor |
 
 def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, mode: str) -> torch.Tensor:
     """Scale token vectors by their weights. "Original" restores the chunk's mean afterwards."""
-    if mode in ("Ignore", "None"):
-        return z
+    if mode in ("Ignore", "None") or bool((multipliers == 1).all()):
+        return z  # all weights 1: scaling and mean restore are the identity
     weighted = z * multipliers.reshape(1, -1, 1)
     if mode == "No norm":
         return weighted
-    original_mean = z.mean()
-    return weighted * (original_mean / weighted.mean())
+    original_mean, new_mean = z.mean(), weighted.mean()
+    if new_mean == 0:
+        return weighted
+    return weighted * (original_mean / new_mean)
 
 
 def pad_to_length(context: torch.Tensor, length: int) -> torch.Tensor:

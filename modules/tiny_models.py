@@ -129,6 +129,12 @@ def build_tiny_components(family: FamilyInfo | str, seed: int = 0) -> ModelCompo
         encoders = [CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder/config.json"]))]
         if family.is_sdxl:
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2/config.json"])))
+        # Freshly initialised LayerNorms (weight 1, bias 0) give text features whose mean is exactly
+        # zero, which no trained model has and which makes A1111's mean-restoring emphasis divide by ~0.
+        for encoder in encoders:
+            for norm in (m for m in encoder.modules() if isinstance(m, torch.nn.LayerNorm)):
+                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.1)
+                torch.nn.init.normal_(norm.bias, mean=0.1, std=0.1)
     for module in (unet, vae, *encoders):
         module.eval()
     scheduler_config = configs["scheduler/scheduler_config.json"]
