@@ -85,7 +85,7 @@ class ModelManager:
 
     def _load(self, info: CheckpointInfo | None, vae: str) -> ActiveModel:
         previous = self._active
-        vae_path = self._vae_path(vae)
+        vae_path = self._vae_path(vae, info)
         if info is not None and not info.is_diffusers_folder:
             # Header and family first: a broken file fails here, before the loaded model is freed.
             shapes, metadata = model_loader.read_checkpoint_header(info.filename)
@@ -97,7 +97,7 @@ class ModelManager:
             if previous is not None:
                 log.warning("Loading %s failed; loading %s again", info.title if info else BUILTIN_TITLE,
                             previous.title)
-                self._active = self._load_now(previous.info, previous.vae_name, self._vae_path(previous.vae_name))
+                self._active = self._load_now(previous.info, previous.vae_name, self._vae_path(previous.vae_name, previous.info))
             raise
         self._active = active
         if self.hooks is not None and self.hooks.has("model_loaded"):
@@ -118,7 +118,19 @@ class ModelManager:
         name = Path(info.name).stem if not info.is_diffusers_folder else info.name
         return ActiveModel(model, info.title, ModelRef(name, info.shorthash, info.sha256), info, vae)
 
-    def _vae_path(self, vae: str) -> str | None:
+    def _vae_path(self, vae: str, info: CheckpointInfo | None) -> str | None:
+        """The VAE file to use; None means the checkpoint's own VAE.
+
+        "Automatic" (A1111): a VAE named after the checkpoint (`name.vae.safetensors`, `name.vae.pt`, ...)
+        in the VAE folder or beside the checkpoint, else the checkpoint's own.
+        """
+        if vae == VAE_AUTOMATIC and info is not None:
+            stem = Path(info.filename).stem
+            for candidate in self.registry.vaes:
+                name = Path(candidate.filename).name
+                if name.split(".vae.")[0] == stem or Path(name).stem == stem:
+                    return candidate.filename
+            return None
         if vae in (VAE_AUTOMATIC, VAE_NONE, "", None):
             return None
         found = self.registry.find_vae(vae)
@@ -128,7 +140,7 @@ class ModelManager:
 
     def _switch_vae(self, vae: str) -> ActiveModel:
         active = self._active
-        path = self._vae_path(vae)
+        path = self._vae_path(vae, active.info)
         if path is None:
             model = model_loader.with_vae(active.model, None)
         else:

@@ -142,3 +142,19 @@ def test_ten_switches_do_not_leak_memory(setup):
     assert growth < 2.5 * model_bytes, (growth, model_bytes)
     # no UNet of a switched-out model is still alive
     assert sum(type(o).__name__ == "UNet2DConditionModel" for o in gc.get_objects()) <= unets_before
+
+
+def test_automatic_vae_picks_the_one_named_after_the_checkpoint(setup, tmp_path):
+    manager, registry, ckpt_dir, vae_dir, _ = setup
+    from modules.model_loader import read_state_dict
+    state = read_state_dict(ckpt_dir / "beta.safetensors")
+    vae_state = {k[len("first_stage_model."):]: v.contiguous() for k, v in state.items()
+                 if k.startswith("first_stage_model.")}
+    own, _ = generate(manager.ensure("alpha.safetensors", "None"), tmp_path)
+    save_file(vae_state, str(ckpt_dir / "alpha.vae.safetensors"))  # beside the checkpoint, A1111-style
+    registry.refresh()
+    assert [c.name for c in registry.checkpoints] == ["alpha.safetensors", "beta.safetensors"]
+    manager.unload()
+    automatic, _ = generate(manager.ensure("alpha.safetensors", "Automatic"), tmp_path)
+    assert manager.active.model.vae_path.endswith("alpha.vae.safetensors")
+    assert not np.array_equal(own, automatic)
