@@ -41,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow --listen without logins (only on a network you fully trust)")
     net.add_argument("--api", action="store_true", help="serve the A1111-compatible API under /sdapi/v1")
     net.add_argument("--nowebui", action="store_true", help="serve only the API, no browser page (implies --api)")
+    net.add_argument("--admin-users", default=None,
+                     help="comma-separated login names (from --auth) that may see and cancel every user's jobs and "
+                          "change settings; once one is named, only admins may change settings")
+    net.add_argument("--tls-keyfile", default=None, help="TLS private key file: serve HTTPS (with --tls-certfile)")
+    net.add_argument("--tls-certfile", default=None, help="TLS certificate file: serve HTTPS (with --tls-keyfile)")
+    net.add_argument("--cors-allow-origins", default=None,
+                     help="comma-separated origins (https://host:port) other web pages may call the API from; "
+                          "default none")
+    net.add_argument("--cors-allow-origins-regex", default=None, help="regular expression of such origins")
+    lim = p.add_argument_group("request limits (API and queue)")
+    lim.add_argument("--max-steps", type=int, default=150, help="most sampling steps one image may ask for")
+    lim.add_argument("--max-images", type=int, default=100, help="most images (batch size x batch count) per request")
+    lim.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                     help="most pixels (width x height, also of the hires. fix size) per image")
+    lim.add_argument("--max-prompt-length", type=int, default=20_000, help="most characters in one prompt")
+    lim.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file an API request may send")
+    lim.add_argument("--max-queued-per-user", type=int, default=100, help="most jobs one user may have waiting")
     paths = p.add_argument_group("paths")
     paths.add_argument("--data-dir", default=str(REPO_ROOT),
                        help="base folder for models/, outputs/, config.json and user extensions")
@@ -50,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--embeddings-dir", default=None, help="textual inversion folder (default DATA_DIR/models/embeddings)")
     paths.add_argument("--hypernetwork-dir", default=None, help="hypernetworks folder (default DATA_DIR/models/hypernetworks)")
     paths.add_argument("--lora-dir", default=None, help="LoRA folder (default DATA_DIR/models/Lora)")
+    ext = p.add_argument_group("extensions")
+    ext.add_argument("--enable-extension", action="append", metavar="NAME",
+                     help="enable an extension, run its install.py (if any) and exit; never done while serving")
+    ext.add_argument("--disable-extension", action="append", metavar="NAME", help="disable an extension and exit")
+    ext.add_argument("--list-extensions", action="store_true", help="list the installed extensions and exit")
+    ext.add_argument("--disable-all-extensions", action="store_true", help="start without extensions (built-ins too)")
+    ext.add_argument("--disable-extra-extensions", action="store_true", help="start with the built-in extensions only")
     dev = p.add_argument_group("device")
     dev.add_argument("--device", default=None, help="torch device: cuda, cuda:1, mps or cpu (default: best available)")
     dev.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
@@ -137,7 +161,27 @@ class App:
         self.registry.refresh()
         self.notices: list[str] = []
         self.models = ModelManager(self.registry, self.device, hooks=self.hooks, on_notice=self._notice)
-        self.queue = JobQueue(self._run_job)
+        self.queue = JobQueue(self._run_job, max_queued_per_user=getattr(self.args, "max_queued_per_user", 100))
+        from modules.api import ApiProviders
+
+        self.api_providers = ApiProviders()  # what /sdapi/v1 lists for embeddings, LoRA, scripts, ...: extensions fill it
+        self._load_extensions()
+
+    def _load_extensions(self) -> None:
+        """Extensions (built-in `extensions/` and DATA_DIR/extensions) register their hooks, scripts and settings."""
+        from modules.extensions import ExtensionManager
+        from modules.model_registry import HashCache
+        from modules.scripts import ScriptRegistry
+
+        self.scripts = ScriptRegistry()
+        self.extensions = ExtensionManager(
+            hooks=self.hooks, scripts=self.scripts, opts=self.opts, paths=self.paths,
+            user_dir=self.paths.data_dir / "extensions", hash_cache=HashCache(self.paths.cache_dir / "hashes.json"),
+            hashing=not self.args.no_hashing, disable_all=getattr(self.args, "disable_all_extensions", False),
+            disable_extra=getattr(self.args, "disable_extra_extensions", False))
+        self.extensions.load_all()
+        self.extensions.fill_api_providers(self.api_providers)
+        self.ui_assets = self.extensions.ui_assets  # (css, js) for the page
 
     def _notice(self, message: str) -> None:
         log.warning(message)
@@ -165,7 +209,7 @@ class App:
         return self.queue.submit(request, owner)
 
     def _run_job(self, job):
-        from modules.processing import ProcessingContext, process_txt2img
+        from modules.processing import ProcessingContext, process_img2img, process_txt2img
 
         req = job.request
         overrides = dict(req.override_settings)
@@ -179,23 +223,40 @@ class App:
                                     device=self.device.device, dtype=self.device.dtype,
                                     outputs_dir=self.paths.outputs_dir, hooks=self.hooks,
                                     control=job.control, progress=job.progress)
-            return process_txt2img(req, ctx)
+            session = self.extensions.start_job(req, ctx)  # scripts, extra networks, patches: undone at the end
+
+            def generate():
+                request = session.job.request  # scripts may have changed it
+                return (process_img2img if request.kind == "img2img" else process_txt2img)(request, ctx)
+
+            with session:
+                return session.run(generate)
 
 
 def create_server(app: App):
-    """The FastAPI app: Gradio page at / (unless --nowebui)."""
+    """The FastAPI app: the APIs (with --api), Gradio page at / (unless --nowebui), one login for all."""
     from fastapi import FastAPI
+
+    from modules.auth import install_security
 
     server = FastAPI(title="Athanor", docs_url="/docs", redoc_url=None)
     app.server = server
+    auth = install_security(server, app.args, app.logins, page_mounted=not app.args.nowebui)
+    if app.args.api or app.args.nowebui:
+        from modules.api import mount_api
+
+        mount_api(server, app)  # before Gradio's mount at "/", which would catch every path
     if not app.args.nowebui:
         import gradio as gr
 
-        from modules.ui import CSS, build_ui, ui_theme
+        from modules.ui import build_ui, mount_options
 
         blocks = build_ui(app)
-        gr.mount_gradio_app(server, blocks, path="/", theme=ui_theme(), css=CSS, footer_links=[],
-                            auth=(list(app.logins.items()) or None), show_error=True)
+        app.extensions.app_started(server, blocks, app)  # extension routes, before "/" catches every path
+        gr.mount_gradio_app(server, blocks, path="/", auth=auth.gradio_auth(), show_error=True,
+                            **mount_options(app))
+    else:
+        app.extensions.app_started(server, None, app)
     return server
 
 
@@ -204,8 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.nowebui:
         args.api = True
+    if args.enable_extension or args.disable_extension or args.list_extensions:
+        from modules.extensions import handle_extension_commands
+        from modules.options import Options
+
+        paths = Paths.from_args(args)
+        return handle_extension_commands(args, Options(paths.config_file), paths.data_dir / "extensions")
     try:
         logins = parse_logins(args.auth, args.auth_file)
+        from modules.auth import auth_config_from_args, check_tls_args
+
+        auth_config_from_args(args, logins)  # --admin-users must name logins
+        check_tls_args(args)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -225,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     host = "0.0.0.0" if args.listen else "127.0.0.1"
-    print(f"Athanor running on http://{'127.0.0.1' if not args.listen else host}:{args.port}", flush=True)
+    scheme = "https" if args.tls_certfile else "http"
+    print(f"Athanor running on {scheme}://{'127.0.0.1' if not args.listen else host}:{args.port}", flush=True)
     try:
-        uvicorn.run(server, host=host, port=args.port, log_level="warning")
+        uvicorn.run(server, host=host, port=args.port, log_level="warning",
+                    ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile)
     finally:
         outcome = app.queue.shutdown(wait=10)
         if outcome["cancelled"] or outcome["finished"]:

@@ -28,7 +28,10 @@ class EmbeddingVectors:
 
     @property
     def length(self) -> int:
-        return int(self.vectors.shape[0])
+        vectors = self.vectors
+        if isinstance(vectors, dict):  # SDXL: {"clip_l": [n, 768], "clip_g": [n, 1280]}, same n
+            vectors = next(iter(vectors.values()))
+        return int(vectors.shape[0])
 
 
 @dataclass
@@ -92,13 +95,14 @@ class PromptEncoder:
 
     def __init__(self, model, opts: Mapping, *, device: torch.device, dtype: torch.dtype,
                  embedding_lookup: EmbeddingLookup | None = None,
-                 chunk_hooks: Sequence[Callable] = ()):
+                 chunk_hooks: Sequence[Callable] = (), hooks=None):
         self.slots = encoder_slots(model)
         self.opts = opts
         self.device = device
         self.dtype = dtype
         self.embedding_lookup = embedding_lookup
         self.chunk_hooks = tuple(chunk_hooks)
+        self.hooks = hooks  # HookRegistry: "token_embeddings" and "conditioning" points
         tok = self.slots[0].tokenizer
         self.id_start = tok.bos_token_id
         self.id_end = tok.eos_token_id
@@ -199,13 +203,18 @@ class PromptEncoder:
 
         handle = None
         fixes = [fix for fix in chunk.fixes if _vectors_for(fix.embedding, slot_index) is not None]
-        if fixes:
+        hooked = self.hooks is not None and self.hooks.has("token_embeddings")
+        if fixes or hooked:
             def put_embeddings(_module, _inputs, output):
                 output = output.clone()
                 for fix in fixes:
                     vec = _vectors_for(fix.embedding, slot_index).to(output.device, output.dtype)
                     start = fix.offset + 1  # +1 for BOS
                     output[0, start:start + vec.shape[0]] = vec[: output.shape[1] - start]
+                if hooked:
+                    from modules.hooks import TokenEmbeddingsParams
+                    output = self.hooks.run("token_embeddings", TokenEmbeddingsParams(
+                        slot_index, list(chunk.tokens), list(chunk.fixes), output)).embeddings
                 return output
             handle = encoder.get_input_embeddings().register_forward_hook(put_embeddings)
         try:
@@ -241,6 +250,10 @@ class PromptEncoder:
                 replaced = hook(chunk, z)
                 if replaced is not None:
                     z = replaced
+            if self.hooks is not None and self.hooks.has("conditioning"):
+                from modules.hooks import ConditioningParams
+                z = self.hooks.run("conditioning", ConditioningParams(chunk_index, list(chunk.tokens),
+                                                                      list(chunk.multipliers), z)).z
             zs.append(z)
         return Conditioning(torch.cat(zs, dim=1).to(self.dtype), None if pooled_first is None else pooled_first.to(self.dtype))
 
@@ -254,6 +267,10 @@ class PromptEncoder:
 
     def empty_chunk(self) -> Conditioning:
         return self.encode("")
+
+    def clear_cache(self) -> None:
+        """Forget encoded prompts (the text encoder's weights changed, e.g. a LoRA was applied)."""
+        self._cache.clear()
 
 
 def _vectors_for(embedding: EmbeddingVectors, slot_index: int) -> torch.Tensor | None:

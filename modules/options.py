@@ -85,6 +85,12 @@ OPTIONS: Mapping[str, OptionInfo] = MappingProxyType({
 def _coerce(key: str, info: OptionInfo, value: Any) -> Any:
     """Turn `value` into the option's type, or raise ValueError naming the option."""
     default = info.default
+    if isinstance(default, (list, tuple)):  # list settings (e.g. disabled_extensions): strings, or "a, b"
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"Setting {key!r} expects a list of names, got {value!r}")
+        return list(value)
     try:
         if isinstance(default, bool):
             if isinstance(value, str):

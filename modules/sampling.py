@@ -55,8 +55,12 @@ def _step_accepts(scheduler_cls: type) -> frozenset[str]:
 
 def run_sampler(scheduler, x: torch.Tensor, model: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor], *,
                 generator: Sequence[torch.Generator] | None = None, eta: float | None = None,
-                control: JobControl | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """Denoise `x` over `scheduler.timesteps` (already set, and sliced for img2img).
+                control: JobControl | None = None, callback: StepCallback | None = None,
+                timesteps: Sequence | None = None) -> torch.Tensor:
+    """Denoise `x` over `timesteps`, by default all of `scheduler.timesteps` (already set).
+
+    img2img passes the tail it runs and leaves `scheduler.timesteps` whole, with `set_begin_index` called:
+    several diffusers schedulers compare their step index against the full list (lower-order final steps).
 
     model(x_scaled, t, step_index, total_steps) -> guided model output.
     Interrupt and skip are checked before every step; the latent reached so far is returned.
@@ -67,7 +71,8 @@ def run_sampler(scheduler, x: torch.Tensor, model: Callable[[torch.Tensor, torch
         step_kwargs["generator"] = list(generator) if len(generator) > 1 else generator[0]
     if eta is not None and "eta" in accepts:
         step_kwargs["eta"] = eta
-    timesteps = scheduler.timesteps
+    if timesteps is None:
+        timesteps = scheduler.timesteps
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         if control is not None and control.should_stop_sampling():

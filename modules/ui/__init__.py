@@ -1,231 +1,253 @@
-"""The Gradio page. It is a client of the App's job service, never a second generation path."""
+"""The Gradio page. It is a client of the App's job service, never a second generation path.
+
+`build_ui(app)` makes the Blocks; `mount_options(app)` gives what `gr.mount_gradio_app` needs besides auth
+(theme, CSS, the page script, extension assets, the outputs folder the gallery serves files from).
+
+Seams for other parts of the project:
+- `modules/ui/img2img.py`, when present, provides `build_img2img_tab(app, shared: UiShared) -> TabHandle`. It is
+  called inside the top-level gr.Tabs and creates its own `gr.Tab("img2img", id="img2img", elem_id="tab_img2img")`;
+  the returned TabHandle names its fields (for paste and "send to") and the image inputs that "Send to img2img" /
+  "Send to inpaint" fill. The helpers in modules.ui.generation and modules.ui.results build the same controls
+  and results column txt2img has.
+- Extension tabs come from the `ui_tabs` hook (modules.hooks.UiTabsParams / UiTab).
+- Extension page assets come from `app.ui_assets() -> (css_text, js_text)` when the App has it.
+"""
 from __future__ import annotations
 
-import html
-import time
+import importlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
-from pydantic import ValidationError
 
-from modules import samplers
-from modules.request import GenerationRequest
+from modules.ui import paste as paste_mod
+from modules.ui.common import PRIVATE, TabHandle, UiShared, notice_html, owner_of, validation_message
+from modules.ui.extensions_tab import build_extensions_tab, connect_extensions
+from modules.ui.generation import (connect_generate, connect_paste, connect_seed_buttons, connect_styles, connect_swap,
+                                   connect_token_counters)
+from modules.ui.pnginfo import build_pnginfo_tab, connect_pnginfo
+from modules.ui.results import Shown, wire_results
+from modules.ui.settings import (build_quicksettings, build_settings_tab, builtin_notice, checkpoint_choices,
+                                 connect_quicksettings, connect_settings, current_checkpoint, current_values,
+                                 vae_choices)
+from modules.ui.styles import StyleDatabase
+from modules.ui.theme import CSS, page_script, ui_theme
+from modules.ui.tokens import TokenCounter
+from modules.ui.txt2img import build_txt2img_tab
 
-PROGRESS_POLL_SECONDS = 0.25
+__all__ = ["build_ui", "mount_options", "owner_of", "ui_theme", "CSS", "validation_message", "UiShared", "TabHandle"]
 
+log = logging.getLogger("athanor.ui")
 
-def ui_theme():
-    # System fonts only: the page must not fetch anything (Google Fonts included) from the network.
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "Consolas", "monospace"])
-
-
-def owner_of(request: gr.Request | None) -> str:
-    """Whose job this is: the logged-in user, or this browser session."""
-    if request is None:
-        return "local"
-    if getattr(request, "username", None):
-        return f"user:{request.username}"
-    return f"session:{request.session_hash}"
-
-
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err.get("loc", ())) or "request"
-        parts.append(f"{field}: {err.get('msg', '')}")
-    return "; ".join(parts)
+# Every infotext key the page knows how to paste (txt2img's and img2img's); a tab takes the names it has.
+ALL_PASTE_FIELDS = paste_mod.TXT2IMG_FIELDS + tuple(
+    item for item in paste_mod.IMG2IMG_FIELDS if item[0] not in {n for n, _ in paste_mod.TXT2IMG_FIELDS})
 
 
-def progress_html(job, position: int = 0) -> str:
-    if job.status == "queued":
-        return f"<div class='athanor-progress'>In queue: {position}</div>"
-    p = job.progress
-    pct = int(p.fraction * 100)
-    eta = p.eta_seconds
-    text = f"{pct}%"
-    if p.sampling_steps:
-        text += f" · step {p.sampling_step}/{p.sampling_steps}"
-    if p.job_count > 1:
-        text += f" · batch {min(p.job_no + 1, p.job_count)}/{p.job_count}"
-    if eta:
-        text += f" · ETA {eta:.0f}s"
-    return (f"<div class='athanor-progress'><div class='athanor-progress-bar' style='width:{pct}%'></div>"
-            f"<span>{html.escape(text)}</span></div>")
+def _optional_ui_module(name: str):
+    """A tab module another part of the project may not have written yet."""
+    try:
+        return importlib.import_module(f"modules.ui.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"modules.ui.{name}":
+            return None
+        raise
 
 
-def infotext_html(text: str) -> str:
-    return f"<pre class='athanor-infotext'>{html.escape(text)}</pre>"
+def styles_path(app: Any) -> Path:
+    return Path(app.paths.data_dir) / "styles.csv"
 
 
-CSS = """
-.athanor-progress { position: relative; border: 1px solid var(--border-color-primary); border-radius: 6px;
-                    height: 1.6em; overflow: hidden; }
-.athanor-progress-bar { position: absolute; left: 0; top: 0; bottom: 0; background: var(--color-accent); opacity: .35; }
-.athanor-progress span { position: relative; padding-left: .5em; }
-.athanor-infotext { white-space: pre-wrap; word-break: break-word; font-size: .85em; }
-.athanor-notice { border-left: 4px solid #d97706; padding: .4em .8em; }
-"""
+def _extension_tabs(app: Any) -> list:
+    manager = getattr(app, "extensions", None)
+    if callable(getattr(manager, "ui_tabs", None)):
+        return list(manager.ui_tabs())  # reports a failing extension itself
+    hooks = getattr(app, "hooks", None)
+    if hooks is None or not hooks.has("ui_tabs"):
+        return []
+    from modules.hooks import UiTabsParams
+
+    try:
+        return list(hooks.run("ui_tabs", UiTabsParams()).tabs)
+    except Exception as exc:  # noqa: BLE001 - a broken extension must not take the page down
+        log.error("An extension failed to add its tab: %s", exc)
+        return []
 
 
-def build_ui(app) -> gr.Blocks:
-    sampler_names = [s.name for s in samplers.SAMPLERS]
-    schedule_names = [s.label for s in samplers.SCHEDULE_TYPES]
+def _image_value(target: Any, path: str) -> Any:
+    """The value that puts a saved file into an image input (the inpaint editor takes a background layer)."""
+    if isinstance(target, gr.ImageEditor):
+        return {"background": path, "layers": [], "composite": path}
+    return path
 
-    def checkpoint_choices():
-        titles = [c.title for c in app.registry.checkpoints]
-        active = app.models.active
-        if active is not None and active.title not in titles:
-            titles.insert(0, active.title)
-        return titles
 
-    def current_checkpoint():
-        active = app.models.active
-        return active.title if active else None
-
-    def notice_md():
-        if app.models.is_builtin:
-            return (f"<div class='athanor-notice'><b>Built-in tiny model with random weights</b> — for trying the "
-                    f"interface only; its images are noise. Put a checkpoint (.safetensors) in "
-                    f"<code>{html.escape(str(app.registry.ckpt_dir))}</code>, then press 🔄.</div>")
-        return ""
+def build_ui(app: Any) -> gr.Blocks:
+    """The whole page for this App."""
+    shared = UiShared(app=app, styles=StyleDatabase(styles_path(app)),
+                      token_counter=TokenCounter(app.models, app.opts))
+    img2img_ui = _optional_ui_module("img2img")
+    has_img2img = img2img_ui is not None and hasattr(img2img_ui, "build_img2img_tab")
+    image_sends = ("img2img", "inpaint") if has_img2img else ()
 
     with gr.Blocks(title="Athanor", analytics_enabled=False) as demo:
-        with gr.Row(elem_id="quicksettings"):
-            ckpt = gr.Dropdown(checkpoint_choices(), value=current_checkpoint(), label="Stable Diffusion checkpoint",
-                               elem_id="setting_sd_model_checkpoint", interactive=True, scale=4)
-            refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", scale=0, min_width=40)
-        notice = gr.HTML(notice_md(), elem_id="athanor_notice")
+        qs = build_quicksettings(app)
+        shared.checkpoint = qs.checkpoint
+        notice = gr.HTML(builtin_notice(app), elem_id="athanor_notice")
+        shared.notice = notice
 
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs", overflow_behavior="wrap") as tabs:
+            shared.tabs = tabs
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                with gr.Row():
-                    with gr.Column(scale=6):
-                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
-                                            placeholder="Prompt (A1111 syntax: (word:1.2), [from:to:when], [a|b], AND, BREAK)")
-                        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
-                    with gr.Column(scale=1, min_width=160):
-                        generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
-                        with gr.Row():
-                            interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", min_width=60)
-                            skip = gr.Button("Skip", elem_id="txt2img_skip", min_width=60)
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        with gr.Row():
-                            sampler = gr.Dropdown(sampler_names, value="DPM++ 2M", label="Sampling method",
-                                                  elem_id="txt2img_sampling")
-                            schedule = gr.Dropdown(schedule_names, value="Automatic", label="Schedule type",
-                                                   elem_id="txt2img_scheduler")
-                        steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
-                        with gr.Row():
-                            width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
-                            height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="txt2img_height")
-                        with gr.Row():
-                            batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count",
-                                                    elem_id="txt2img_batch_count")
-                            batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size",
-                                                   elem_id="txt2img_batch_size")
-                        cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
-                        with gr.Row():
-                            seed = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed")
-                            random_seed = gr.Button("🎲", elem_id="txt2img_random_seed", scale=0, min_width=40)
-                            reuse_seed = gr.Button("♻️", elem_id="txt2img_reuse_seed", scale=0, min_width=40)
-                        clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
-                    with gr.Column(scale=1):
-                        progress = gr.HTML("", elem_id="txt2img_progress")
-                        gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=2, height="auto",
-                                             format="png", interactive=False)
-                        info = gr.HTML("", elem_id="txt2img_generation_info")
-                job_state = gr.State(None)
-                infotexts_state = gr.State([])
-                seeds_state = gr.State([])
+                t2i, swap = build_txt2img_tab(app, shared, ("pnginfo",) + image_sends)
+            if has_img2img:
+                handle = img2img_ui.build_img2img_tab(app, shared)
+                if isinstance(handle, TabHandle):
+                    shared.tab_handles.setdefault(handle.name, handle)
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                png = build_pnginfo_tab(("txt2img",) + image_sends)
+            shared.pnginfo_image = png.image
+            for index, ext_tab in enumerate(_extension_tabs(app)):
+                if isinstance(ext_tab, tuple):  # A1111's (blocks, title, elem_id)
+                    from modules.hooks import UiTab
+                    blocks, title, elem_id = (list(ext_tab) + [""])[:3]
+                    ext_tab = UiTab(title=title, blocks=blocks, elem_id=elem_id)
+                elem_id = ext_tab.elem_id or "tab_" + (re.sub(r"[^0-9a-z]+", "_", ext_tab.title.lower()).strip("_")
+                                                       or str(index))
+                with gr.Tab(ext_tab.title, id=elem_id, elem_id=elem_id):
+                    try:
+                        if ext_tab.build is not None:
+                            ext_tab.build()
+                        elif ext_tab.blocks is not None:
+                            ext_tab.blocks.render()
+                    except Exception as exc:  # noqa: BLE001
+                        log.error("Extension tab %r failed to build: %s", ext_tab.title, exc)
+                        gr.HTML(notice_html(f"This extension's tab failed to build: {exc}", "error"))
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                settings_tab = build_settings_tab(app)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                extensions_tab = build_extensions_tab(app)
 
-        def on_generate(prompt_v, negative_v, sampler_v, schedule_v, steps_v, width_v, height_v, count_v, size_v,
-                        cfg_v, seed_v, clip_v, ckpt_v, request: gr.Request):
-            try:
-                req = GenerationRequest(
-                    prompt=prompt_v or "", negative_prompt=negative_v or "", sampler_name=sampler_v,
-                    scheduler=schedule_v, steps=int(steps_v), width=int(width_v), height=int(height_v),
-                    n_iter=int(count_v), batch_size=int(size_v), cfg_scale=float(cfg_v),
-                    seed=int(seed_v if seed_v is not None else -1), clip_skip=int(clip_v),
-                    checkpoint=ckpt_v if ckpt_v and not app.models.is_builtin else None)
-            except ValidationError as exc:
-                raise gr.Error(validation_message(exc))
-            job = app.submit(req, owner_of(request))
-            yield progress_html(job, app.queue.position(job)), gr.skip(), gr.skip(), job.id, gr.skip(), gr.skip()
-            last_preview_step = -1
-            while not job.done.wait(PROGRESS_POLL_SECONDS):
-                preview = gr.skip()
-                if job.progress.preview is not None and job.progress.preview_step != last_preview_step:
-                    last_preview_step = job.progress.preview_step
-                    preview = [job.progress.preview]
-                yield progress_html(job, app.queue.position(job)), preview, gr.skip(), job.id, gr.skip(), gr.skip()
-            if job.status == "failed":
-                yield f"<div class='athanor-progress'>Error: {html.escape(job.error or '')}</div>", gr.skip(), \
-                    gr.skip(), None, gr.skip(), gr.skip()
-                raise gr.Error(job.error or "Generation failed")
-            result = job.result
-            if result is None:
-                yield "<div class='athanor-progress'>Cancelled</div>", gr.skip(), gr.skip(), None, gr.skip(), gr.skip()
-                return
-            shown = ([result.grid] if result.grid is not None else []) + result.images
-            texts = ([result.infotexts[0]] if result.grid is not None else []) + result.infotexts
-            elapsed = (job.finished or time.time()) - (job.started or job.created)
-            status = "Interrupted" if result.interrupted else "Done"
-            yield (f"<div class='athanor-progress'>{status} in {elapsed:.1f}s</div>", shown,
-                   infotext_html(texts[0] if texts else ""), None, texts, result.seeds)
+        # -- events ------------------------------------------------------------------------------------------
+        connect_quicksettings(app, qs, notice)
+        connect_generate(app, shared, t2i)
+        connect_seed_buttons(t2i)
+        connect_swap(swap, t2i.fields)
+        connect_token_counters(shared, t2i)
+        style_dropdowns = [h.fields["styles"] for h in shared.tab_handles.values() if "styles" in h.fields]
+        connect_styles(shared, t2i, lambda: style_dropdowns)
+        connect_paste(app, shared, t2i, ALL_PASTE_FIELDS)
+        wire_results(app, t2i.panel, shared, outputs_subdir="txt2img-images")
+        connect_pnginfo(png)
+        _connect_sends(app, shared, t2i.panel, png)
+        connect_settings(app, settings_tab)
+        connect_extensions(app, extensions_tab)
 
-        outputs = [progress, gallery, info, job_state, infotexts_state, seeds_state]
-        generate.click(on_generate, inputs=[prompt, negative, sampler, schedule, steps, width, height, batch_count,
-                                            batch_size, cfg, seed, clip_skip, ckpt],
-                       outputs=outputs, concurrency_limit=None)
+        # Values that change while the server runs are read on each page load, in one request.
+        clip_skip = t2i.fields.get("clip_skip")
+        load_outputs = [qs.checkpoint, qs.vae, notice] + settings_tab.components + style_dropdowns
+        if clip_skip is not None:
+            load_outputs.append(clip_skip)
 
-        def own_job(job_id, request: gr.Request):
-            if not job_id:
-                return None
-            try:
-                job = app.queue.get(job_id)
-            except KeyError:
-                return None
-            return job if job.owner == owner_of(request) else None
+        def on_load():
+            values = [gr.Dropdown(choices=checkpoint_choices(app), value=current_checkpoint(app)),
+                      gr.Dropdown(choices=vae_choices(app), value=app.opts.get("sd_vae")), builtin_notice(app)]
+            values += current_values(app, settings_tab.keys)
+            names = shared.styles.names()
+            values += [gr.Dropdown(choices=names) for _ in style_dropdowns]
+            if clip_skip is not None:
+                values.append(app.opts.get("CLIP_stop_at_last_layers"))
+            return values
 
-        def on_interrupt(job_id, request: gr.Request):
-            job = own_job(job_id, request)
-            if job is not None:
-                app.queue.cancel(job)
-
-        def on_skip(job_id, request: gr.Request):
-            job = own_job(job_id, request)
-            if job is not None:
-                job.control.skip()
-
-        interrupt.click(on_interrupt, inputs=[job_state], outputs=[], concurrency_limit=None)
-        skip.click(on_skip, inputs=[job_state], outputs=[], concurrency_limit=None)
-
-        def on_select(texts, evt: gr.SelectData):
-            if texts and evt.index is not None and evt.index < len(texts):
-                return infotext_html(texts[evt.index])
-            return gr.skip()
-
-        gallery.select(on_select, inputs=[infotexts_state], outputs=[info])
-        random_seed.click(lambda: -1, outputs=[seed])
-        reuse_seed.click(lambda seeds: seeds[0] if seeds else -1, inputs=[seeds_state], outputs=[seed])
-
-        def on_refresh():
-            app.registry.refresh()
-            return gr.update(choices=checkpoint_choices(), value=current_checkpoint()), notice_md()
-
-        refresh.click(on_refresh, outputs=[ckpt, notice])
-
-        def on_checkpoint(title):
-            if not title or (app.models.active and title == app.models.active.title):
-                return gr.skip(), notice_md()
-            try:
-                with app.models.lock:
-                    app.models.ensure(title, app.opts.get("sd_vae"))
-                app.opts.set("sd_model_checkpoint", title)
-            except ValueError as exc:
-                raise gr.Error(str(exc))
-            return gr.update(value=current_checkpoint()), notice_md()
-
-        ckpt.input(on_checkpoint, inputs=[ckpt], outputs=[ckpt, notice])
+        demo.load(on_load, outputs=load_outputs, api_visibility=PRIVATE, show_progress="hidden")
     return demo
+
+
+def _connect_sends(app: Any, shared: UiShared, panel: Any, png: Any) -> None:
+    """"Send to" buttons: PNG Info -> a tab's fields; a result image -> img2img / inpaint with its parameters."""
+
+    def paste_into(handle: TabHandle, text: str, *, from_image: bool) -> list:
+        names = list(handle.fields)
+        skip = []
+        if from_image and not app.opts.get("send_seed"):
+            skip += ["seed", "subseed"]
+        if from_image and not app.opts.get("send_size"):
+            skip += ["width", "height"]
+        result = paste_mod.paste_values(text, ALL_PASTE_FIELDS, wanted=names, registry=app.registry,
+                                        styles=shared.styles if "styles" in names else None, skip=skip)
+        from modules.ui.generation import paste_updates
+
+        return paste_updates(result.values, names)
+
+    # PNG Info -> txt2img / img2img / inpaint
+    for target, button in png.send_buttons.items():
+        handle = shared.tab_handles.get("txt2img" if target == "txt2img" else "img2img")
+        if handle is None:
+            continue
+        image_target = handle.image_targets.get(target)
+        outputs = list(handle.fields.values()) + [shared.tabs]
+        subtab = handle.subtab_for.get(target)
+        if image_target is not None:
+            outputs.append(image_target)
+        if subtab is not None:
+            outputs.append(subtab[0])
+
+        def on_send(text, path, _handle=handle, _image=image_target, _subtab=subtab):
+            out = paste_into(_handle, text or "", from_image=False) + [gr.Tabs(selected=_handle.tab_id)]
+            if _image is not None:
+                out.append(_image_value(_image, path) if path else gr.skip())
+            if _subtab is not None:
+                out.append(gr.Tabs(selected=_subtab[1]))
+            return out
+
+        button.click(on_send, inputs=[png.parameters, png.image], outputs=outputs, api_visibility=PRIVATE,
+                     show_progress="hidden")
+
+    # txt2img result -> img2img / inpaint
+    handle = shared.tab_handles.get("img2img")
+    for target in ("img2img", "inpaint"):
+        image_target = handle.image_targets.get(target) if handle else None
+        if image_target is None:
+            continue
+        subtab = handle.subtab_for.get(target)
+        outputs = list(handle.fields.values()) + [shared.tabs, image_target] + ([subtab[0]] if subtab else [])
+
+        def on_send_image(shown: Shown, selected: int, _handle=handle, _image=image_target, _subtab=subtab):
+            i = shown.at(selected)
+            path = shown.path(selected)
+            if i is None or path is None:
+                gr.Warning("Generate an image first.")
+                return [gr.skip() for _ in outputs]
+            out = paste_into(_handle, shown.infotexts[i], from_image=True)
+            out += [gr.Tabs(selected=_handle.tab_id), _image_value(_image, path)]
+            if _subtab is not None:
+                out.append(gr.Tabs(selected=_subtab[1]))
+            return out
+
+        panel.send_buttons[target].click(on_send_image, inputs=[panel.shown, panel.selected], outputs=outputs,
+                                         api_visibility=PRIVATE, show_progress="hidden")
+
+
+def extension_assets(app: Any) -> tuple[str, str]:
+    """(css, javascript) the extensions add to the page."""
+    provider = getattr(app, "ui_assets", None)
+    if not callable(provider):
+        return "", ""
+    try:
+        css, js = provider()
+    except Exception as exc:  # noqa: BLE001
+        log.error("Could not collect the extensions' page assets: %s", exc)
+        return "", ""
+    return css or "", js or ""
+
+
+def mount_options(app: Any) -> dict[str, Any]:
+    """Keyword arguments for gr.mount_gradio_app (besides blocks, path and auth)."""
+    ext_css, ext_js = extension_assets(app)
+    head = f"<script>{page_script()}</script>"
+    if ext_js:
+        # Extension scripts are inlined: no extra route, and nothing to fetch from anywhere else.
+        head += f"\n<script>{ext_js}</script>"
+    return dict(theme=ui_theme(), css=CSS + ("\n" + ext_css if ext_css else ""), head=head, footer_links=[],
+                allowed_paths=[str(Path(app.paths.outputs_dir))])

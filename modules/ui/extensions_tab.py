@@ -1,0 +1,178 @@
+"""The Extensions tab: installed extensions with their enabled state, version and load errors.
+
+It reads whatever the extension loader puts on the App (`app.extensions`: a list or dict of records with
+name / enabled / version / path / error attributes, or an object with `.all()`); when there is none, it lists
+the folders under the built-in and the data dir's `extensions/`. Enabling and disabling goes through the
+loader (`set_enabled(name, bool)`) and takes effect after a restart. Installing from a URL is offered only
+when the server does not listen on the network and the loader can do it (`install_from_url(url)`).
+"""
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import gradio as gr
+
+from modules.ui.common import PRIVATE, notice_html
+
+log = logging.getLogger("athanor.ui")
+
+
+@dataclass(frozen=True)
+class ExtensionRow:
+    name: str
+    enabled: bool
+    version: str
+    path: str
+    error: str = ""
+    builtin: bool = False
+    status: str = ""
+
+
+def _records(source: Any) -> Iterable[Any]:
+    if source is None:
+        return []
+    for method in ("all", "list", "installed"):
+        fn = getattr(source, method, None)
+        if callable(fn):
+            return list(fn())
+    if isinstance(source, dict):
+        return list(source.values())
+    try:
+        return list(source)
+    except TypeError:
+        return []
+
+
+def _row(record: Any) -> ExtensionRow:
+    get = (lambda key, default=None: record.get(key, default)) if isinstance(record, dict) else \
+        (lambda key, default=None: getattr(record, key, default))
+    version = get("version") or ""
+    return ExtensionRow(name=str(get("name", "?")), enabled=bool(get("enabled", True)), version=str(version),
+                        path=str(get("path", "") or ""), error=str(get("error", "") or ""),
+                        builtin=bool(get("builtin", get("is_builtin", False))), status=str(get("status", "") or ""))
+
+
+def folder_rows(folders: Iterable[Path]) -> list[ExtensionRow]:
+    """One row per extension folder (used when no loader is present)."""
+    rows: dict[str, ExtensionRow] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
+            if child.is_dir() and not child.name.startswith((".", "_")) and child.name not in rows:
+                rows[child.name] = ExtensionRow(child.name, True, "", str(child))
+    return list(rows.values())
+
+
+def installed_extensions(app: Any) -> tuple[list[ExtensionRow], bool]:
+    """(rows, from the loader?)."""
+    source = getattr(app, "extensions", None)
+    if source is not None:
+        return [_row(r) for r in _records(source)], True
+    repo_root = Path(__file__).resolve().parents[2]
+    folders = [repo_root / "extensions", Path(app.paths.data_dir) / "extensions"]
+    return folder_rows(folders), False
+
+
+def extensions_table(rows: list[ExtensionRow], from_loader: bool) -> str:
+    if not rows:
+        return "<p>No extensions installed. Put one in the <code>extensions/</code> folder.</p>"
+    head = "<tr><th>Extension</th><th>Enabled</th><th>Version</th><th>Folder</th><th>Status</th></tr>"
+    body = []
+    for row in rows:
+        if row.error:
+            status = f"<span class='athanor-error-text'>{html.escape(row.error)}</span>"
+        elif row.status:
+            status = html.escape(row.status)
+        else:
+            status = "" if from_loader else "not loaded yet"
+        body.append(f"<tr data-extension='{html.escape(row.name)}'><td>{html.escape(row.name)}"
+                    f"{' <small>(built-in)</small>' if row.builtin else ''}</td>"
+                    f"<td>{'yes' if row.enabled else 'no'}</td><td>{html.escape(row.version or '-')}</td>"
+                    f"<td><code>{html.escape(row.path)}</code></td><td>{status}</td></tr>")
+    note = "" if from_loader else ("<p class='athanor-muted'>Listed from the extensions folders; the extension "
+                                   "loader is not available in this build.</p>")
+    return f"{note}<table class='athanor-table' id='extensions_table'>{head}{''.join(body)}</table>"
+
+
+@dataclass
+class ExtensionsTab:
+    table: Any
+    enabled: Any
+    apply: Any
+    result: Any
+    install_url: Any
+    install: Any
+
+
+def build_extensions_tab(app: Any) -> ExtensionsTab:
+    listening = bool(getattr(app.args, "listen", False))
+    rows, from_loader = installed_extensions(app)
+    loader = getattr(app, "extensions", None)
+    # Which code runs at the next start is not for anyone on the network to decide.
+    can_toggle = callable(getattr(loader, "set_enabled", None)) and not listening
+    with gr.Tabs(elem_id="tabs_extensions"):
+        with gr.Tab("Installed", id="extensions_installed", elem_id="extensions_installed_top"):
+            table = gr.HTML(extensions_table(rows, from_loader), elem_id="extensions_installed_html")
+            enabled = gr.CheckboxGroup([r.name for r in rows], value=[r.name for r in rows if r.enabled],
+                                       label="Enabled extensions (applied at the next start)",
+                                       elem_id="extensions_enabled", interactive=can_toggle, visible=bool(rows))
+            with gr.Row():
+                apply = gr.Button("Apply", elem_id="extensions_apply", variant="primary", scale=0, min_width=120,
+                                  interactive=can_toggle, visible=bool(rows))
+                result = gr.HTML("", elem_id="extensions_result")
+        with gr.Tab("Install from URL", id="extensions_install", elem_id="extensions_install_top"):
+            can_install = not listening and callable(getattr(loader, "install_from_url", None))
+            if listening:
+                gr.HTML(notice_html("Installing extensions is disabled while the server listens on the network: "
+                                    "an extension is code that runs on this machine. Install it on the server's "
+                                    "console instead.", "warning"), elem_id="extensions_install_disabled")
+            elif not can_install:
+                gr.HTML(notice_html("Installing from a URL is not available in this build: copy the extension's "
+                                    "folder into extensions/ and restart.", "info"))
+            install_url = gr.Textbox(label="URL of the extension's git repository", elem_id="install_url",
+                                     interactive=can_install, visible=not listening)
+            install = gr.Button("Install", elem_id="install_button", interactive=can_install, visible=not listening)
+    return ExtensionsTab(table, enabled, apply, result, install_url, install)
+
+
+def connect_extensions(app: Any, tab: ExtensionsTab) -> None:
+    listening = bool(getattr(app.args, "listen", False))
+
+    def on_apply(names):
+        if listening:
+            return notice_html("Extensions cannot be switched on or off while the server listens on the network.",
+                               "error"), gr.skip()
+        loader = getattr(app, "extensions", None)
+        rows, from_loader = installed_extensions(app)
+        try:
+            for row in rows:
+                loader.set_enabled(row.name, row.name in (names or []))
+        except Exception as exc:  # noqa: BLE001 - the loader's own message is the useful one
+            return notice_html(f"Could not change the extensions: {exc}", "error"), gr.skip()
+        rows, from_loader = installed_extensions(app)
+        return (notice_html("Saved. Restart Athanor to load or unload extensions.", "info"),
+                extensions_table(rows, from_loader))
+
+    tab.apply.click(on_apply, inputs=[tab.enabled], outputs=[tab.result, tab.table], api_visibility=PRIVATE)
+
+    def on_install(url):
+        if listening:  # checked again here: the button is hidden, but a crafted request could still arrive
+            return notice_html("Installing extensions is disabled while the server listens on the network.",
+                               "error"), gr.skip()
+        loader = getattr(app, "extensions", None)
+        if not callable(getattr(loader, "install_from_url", None)):
+            return notice_html("Installing from a URL is not available in this build.", "error"), gr.skip()
+        try:
+            name = loader.install_from_url((url or "").strip())
+        except Exception as exc:  # noqa: BLE001
+            return notice_html(f"Could not install: {exc}", "error"), gr.skip()
+        rows, from_loader = installed_extensions(app)
+        return (notice_html(f"Installed {name}. Restart Athanor to load it.", "info"),
+                extensions_table(rows, from_loader))
+
+    tab.install.click(on_install, inputs=[tab.install_url], outputs=[tab.result, tab.table], api_visibility=PRIVATE)
