@@ -3,10 +3,10 @@
 An App with the tiny SD1 checkpoint serves `/sdapi/v1` on a free loopback port (uvicorn in a thread).
 N client threads each send R txt2img requests (size x size, a few steps, Euler, own seeds) over HTTP;
 then the same N x R jobs go straight to `app.submit(...).wait()` from N threads. Rounds alternate
-(API, in-process, API, ...) to cancel drift. Printed: throughput (images/s), p50/p95 latency of both,
+which path goes first, to cancel drift. Printed: throughput (images/s), p50/p95 latency of both,
 and the ratio API throughput / in-process throughput (1.0 = the HTTP layer costs nothing).
 
-    .venv/bin/python bench/api_load.py [--clients 8] [--requests 6] [--rounds 2] [--steps 2] [--size 64]
+    .venv/bin/python bench/api_load.py [--clients 8] [--requests 4] [--rounds 6] [--steps 2] [--size 64]
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def run_clients(clients: int, per_client: int, one) -> tuple[float, list[float]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=6, help="requests per client per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client per round")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
@@ -109,15 +109,23 @@ def main() -> None:
             over_http(c, 0)
             in_process(c, 0)
 
-        api_images = local_images = 0
-        api_wall = local_wall = 0.0
         api_lat: list[float] = []
         local_lat: list[float] = []
-        for _ in range(args.rounds):
-            wall, lat = run_clients(args.clients, args.requests, over_http)
-            api_wall, api_lat, api_images = api_wall + wall, api_lat + lat, api_images + len(lat)
-            wall, lat = run_clients(args.clients, args.requests, in_process)
-            local_wall, local_lat, local_images = local_wall + wall, local_lat + lat, local_images + len(lat)
+        api_images = local_images = 0
+        api_wall = local_wall = 0.0
+        ratios = []
+        for round_no in range(args.rounds):
+            # alternate which path goes first, so drift and neighbours' load hit both alike
+            order = (over_http, in_process) if round_no % 2 == 0 else (in_process, over_http)
+            rates = {}
+            for one in order:
+                wall, lat = run_clients(args.clients, args.requests, one)
+                rates[one] = len(lat) / wall
+                if one is over_http:
+                    api_wall, api_lat, api_images = api_wall + wall, api_lat + lat, api_images + len(lat)
+                else:
+                    local_wall, local_lat, local_images = local_wall + wall, local_lat + lat, local_images + len(lat)
+            ratios.append(rates[over_http] / rates[in_process])
 
         uv.should_exit = True
         app.queue.shutdown(wait=5)
@@ -128,7 +136,8 @@ def main() -> None:
     print(f"{'path':<12}{'images/s':>10}{'p50 ms':>10}{'p95 ms':>10}")
     for name, rate, lat in (("HTTP API", api_rate, api_lat), ("in-process", local_rate, local_lat)):
         print(f"{name:<12}{rate:>10.2f}{percentile(lat, 0.5) * 1000:>10.0f}{percentile(lat, 0.95) * 1000:>10.0f}")
-    print(f"ratio API / in-process throughput: {api_rate / local_rate:.3f}")
+    print(f"ratio API / in-process throughput: {api_rate / local_rate:.3f} overall, "
+          f"{statistics.median(ratios):.3f} median of {len(ratios)} rounds")
     print(f"p50 latency API / in-process: {statistics.median(api_lat) / statistics.median(local_lat):.3f}")
 
 

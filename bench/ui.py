@@ -3,14 +3,14 @@
 1. Page load to interactive: navigation start until txt2img's Generate button is on screen and enabled,
    against a bare Gradio page (one textbox, one button, the same theme) served in this process: the ratio
    is what our page costs over Gradio's own minimum.
-2. Click to first preview: Generate clicked until the live preview image is in the page (tiny model, 64x64,
+2. Click to first preview: Generate clicked until the live preview image is in the page (tiny model, 128x128,
    a preview every step), against the same request run straight on a JobQueue in this process until its
    first preview exists: the ratio (and the difference) is what the page adds on top of the work.
    Click to finished image is printed the same way.
 
 Runs alternate between the two sides; medians are printed.
 
-    .venv/bin/python bench/ui.py [--runs 7] [--steps 20]
+    .venv/bin/python bench/ui.py [--runs 7] [--steps 20] [--size 128]
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,7 +144,7 @@ def page_generation(page, steps: int) -> tuple[float, float]:
     return (t["preview"] - t["t0"]) / 1000, (t["done"] - t["t0"]) / 1000
 
 
-def backend_generation(steps: int) -> callable:
+def backend_generation(steps: int, size: int) -> Callable[[], tuple[float, float]]:
     """A function that runs the same request on a JobQueue here and returns (first preview, done) seconds."""
     import torch
 
@@ -167,7 +168,7 @@ def backend_generation(steps: int) -> callable:
     queue.start()
 
     def run() -> tuple[float, float]:
-        request = GenerationRequest(prompt="a lighthouse", steps=steps, width=64, height=64, save_images=False)
+        request = GenerationRequest(prompt="a lighthouse", steps=steps, width=size, height=size, save_images=False)
         start = time.perf_counter()
         job = queue.submit(request, "bench")
         first = None
@@ -189,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=128, help="image width and height")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"{CHROMIUM} is missing")
@@ -199,7 +201,7 @@ def main() -> None:
     proc, app_url = start_app(data)
     try:
         baseline_url = start_baseline_page()
-        backend = backend_generation(args.steps)
+        backend = backend_generation(args.steps, args.size)
         backend()  # warm up
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -216,8 +218,8 @@ def main() -> None:
             page.wait_for_selector("#txt2img_generate")
             page.locator("#txt2img_prompt textarea").fill("a lighthouse")
             set_number(page, "txt2img_steps", args.steps)
-            set_number(page, "txt2img_width", 64)
-            set_number(page, "txt2img_height", 64)
+            set_number(page, "txt2img_width", args.size)
+            set_number(page, "txt2img_height", args.size)
             page_generation(page, args.steps)  # warm up
             ui_preview, ui_done, be_preview, be_done = [], [], [], []
             for _ in range(args.runs):
@@ -237,7 +239,7 @@ def main() -> None:
             proc.kill()
         shutil.rmtree(data, ignore_errors=True)
 
-    print(f"runs: {args.runs}, tiny SD1 model, 64x64, {args.steps} steps, preview every step (CPU)")
+    print(f"runs: {args.runs}, tiny SD1 model, {args.size}x{args.size}, {args.steps} steps, preview every step (CPU)")
     print(f"page load to interactive: ours {median(ours) * 1000:.0f} ms, bare Gradio page "
           f"{median(bare) * 1000:.0f} ms, ratio {median(ours) / median(bare):.2f}")
     print(f"click to first preview:   page {median(ui_preview) * 1000:.0f} ms, job alone "

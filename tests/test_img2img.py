@@ -30,6 +30,15 @@ from tests.tiny_checkpoints import tiny_loaded_model
 W = H = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors gain nothing from more threads, and on a shared CPU spinning threads slow everything down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sd1():
     return tiny_loaded_model("sd1")
@@ -41,8 +50,9 @@ def inpaint_model():
 
 
 def context(model, tmp_path, opts=None) -> ProcessingContext:
-    return ProcessingContext(model=model, model_ref=ModelRef("tiny", "0123456789"), opts=Options(None).snapshot(opts or {}),
-                             device=torch.device("cpu"), dtype=torch.float32, outputs_dir=tmp_path)
+    return ProcessingContext(model=model, model_ref=ModelRef("tiny", "0123456789"),
+                             opts=Options(None).snapshot(opts or {}), device=torch.device("cpu"), dtype=torch.float32,
+                             outputs_dir=tmp_path)
 
 
 def request(**fields) -> GenerationRequest:

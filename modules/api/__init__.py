@@ -10,9 +10,7 @@ shapes until one does. This module stays light (no FastAPI import) so the App ca
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 # A1111's latent upscale modes (`shared.latent_upscale_modes`), listed by /latent-upscale-modes.
@@ -76,20 +74,6 @@ class ApiProviders:
     refresh_embeddings: Callable[[], None] = _nothing
     refresh_loras: Callable[[], None] = _nothing
     extra: dict[str, Any] = field(default_factory=dict)  # room for providers added later
-
-
-def read_styles_csv(path: Path) -> list[dict[str, str]]:
-    """A1111's styles.csv (columns name, prompt, negative_prompt) as /prompt-styles lists it."""
-    if not path.is_file():
-        return []
-    out = []
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        for row in csv.DictReader(fh, skipinitialspace=True):
-            name = (row.get("name") or "").strip()
-            if name:
-                out.append({"name": name, "prompt": row.get("prompt") or "",
-                            "negative_prompt": row.get("negative_prompt") or ""})
-    return out
 
 
 def mount_api(server: Any, app: Any) -> None:

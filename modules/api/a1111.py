@@ -20,7 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from modules import samplers
-from modules.api import ScriptEntry, read_styles_csv
+from modules.api import ScriptEntry
 from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, current_job_of, decode_upload,
                                 dumps_info, encode_png_base64, invalid, raise_pydantic, submit, wait_for_job)
 from modules.api.models import (A1111ProcessingBase, Img2ImgRequest, ImagesResponse, PngInfoRequest,
@@ -218,6 +218,17 @@ def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiC
 
     values: dict[str, Any] = {k: v for k, v in dumped.items()
                               if k in model_fields and k not in _SPECIAL_FIELDS and v is not None}
+    if body.styles:
+        # A1111 applies styles to the prompts before generating; the infotext shows the styled prompts
+        try:
+            values["prompt"], values["negative_prompt"] = context.styles.apply(
+                body.styles, body.prompt, body.negative_prompt)
+            for hr_name, hr_negative in (("hr_prompt", "hr_negative_prompt"),):
+                if values.get(hr_name) or values.get(hr_negative):
+                    values[hr_name], values[hr_negative] = context.styles.apply(
+                        body.styles, values.get(hr_name) or "", values.get(hr_negative) or "")
+        except ValueError as exc:
+            raise invalid("styles", f"{exc}; GET {PREFIX}/prompt-styles lists the styles") from None
     values.update(kind=kind, sampler_name=sampler_name, scheduler=body.scheduler or "Automatic",
                   styles=list(body.styles or []), override_settings=overrides, save_images=body.save_images)
     if "save_grid" in model_fields:
@@ -471,7 +482,11 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
     @server.get(f"{PREFIX}/prompt-styles", tags=tags)
     def prompt_styles(who: Caller = Depends(caller)):
         """Styles from styles.csv in the data dir (columns name, prompt, negative_prompt)."""
-        return read_styles_csv(app.paths.data_dir / "styles.csv")
+        try:
+            styles = context.styles.all()
+        except ValueError as exc:
+            raise ApiError(500, str(exc), error="StylesFileError") from None
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles]
 
     @server.post(f"{PREFIX}/png-info", response_model=PngInfoResponse, tags=tags)
     def png_info(body: PngInfoRequest, who: Caller = Depends(caller)):

@@ -109,10 +109,12 @@ def build_img2img_tab(app: Any, shared: UiShared) -> TabHandle:
                     [(label, index) for index, label in enumerate(masking.RESIZE_MODES)],
                     value=field_default("resize_mode", 0), label="Resize mode", elem_id="resize_mode")
                 with gr.Accordion("Inpainting", open=True, elem_id="img2img_inpaint_controls"):
-                    fields["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
+                    fields["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur",
+                                                    elem_id="img2img_mask_blur")
                     fields["inpainting_mask_invert"] = gr.Radio(
                         [(label, index) for index, label in enumerate(MASK_MODES)],
-                        value=field_default("inpainting_mask_invert", 0), label="Mask mode", elem_id="img2img_mask_mode")
+                        value=field_default("inpainting_mask_invert", 0), label="Mask mode",
+                        elem_id="img2img_mask_mode")
                     fields["inpainting_fill"] = gr.Radio(
                         [(label, index) for index, label in enumerate(masking.MASKED_CONTENT)],
                         value=field_default("inpainting_fill", 1), label="Masked content",

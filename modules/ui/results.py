@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import logging
 import os
 import subprocess
@@ -83,6 +85,17 @@ def info_html(shown: Shown, index: int | None) -> str:
     return "".join(parts)
 
 
+def preview_html(image: Any) -> str:
+    """The live preview frame: the image inline as a JPEG data URI (small and quick to encode), or empty."""
+    if image is None:
+        return "<div class='athanor-preview-frame'></div>"
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f"<div class='athanor-preview-frame'><img alt='Live preview' src='data:image/jpeg;base64,{data}'>"
+            "</div>")
+
+
 @dataclass
 class ResultsPanel:
     tabname: str
@@ -105,8 +118,8 @@ SEND_TARGETS = (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"), 
 def build_results(tabname: str, send_targets: tuple[str, ...] = ("pnginfo",)) -> ResultsPanel:
     """Lay out the results column (call inside a gr.Column); `send_targets` says which send-to buttons to show."""
     progress = gr.HTML("", elem_id=f"{tabname}_progress", elem_classes=["athanor-progress-box"])
-    preview = gr.Image(None, elem_id=f"{tabname}_preview", label="Preview", show_label=False, interactive=False,
-                       visible=False, format="png", buttons=[], height=420, elem_classes=["athanor-preview"])
+    # The live preview is an inline data: image in HTML: no file in Gradio's cache, no second request per frame.
+    preview = gr.HTML("", elem_id=f"{tabname}_preview", visible=False, elem_classes=["athanor-preview"])
     gallery = gr.Gallery(label="Output", show_label=False, elem_id=f"{tabname}_gallery", columns=4,
                          height=420, format="png", interactive=False, preview=False, object_fit="contain",
                          buttons=["download", "fullscreen"])
@@ -143,14 +156,14 @@ def generate_stream(app: Any, panel: ResultsPanel, request: Any, owner: str) -> 
             if first and previews:
                 # The live preview takes the gallery's place while the job runs, as in A1111.
                 out[panel.gallery] = gr.Gallery(visible=False)
-                out[panel.preview] = gr.Image(value=None, visible=True)
+                out[panel.preview] = gr.HTML(preview_html(None), visible=True)
                 first = False
             if update.preview is not None:
-                out[panel.preview] = gr.Image(value=update.preview, visible=True)
+                out[panel.preview] = gr.HTML(preview_html(update.preview), visible=True)
             yield out
             continue
         shown = shown_from_result(job.result)
-        out = {panel.progress: update.html, panel.job_id: None, panel.preview: gr.Image(value=None, visible=False),
+        out = {panel.progress: update.html, panel.job_id: None, panel.preview: gr.HTML("", visible=False),
                panel.gallery: gr.Gallery(visible=True)}
         if shown.items:
             out.update({panel.gallery: gr.Gallery(value=_gallery_value(shown), visible=True), panel.shown: shown,

@@ -55,7 +55,10 @@ button.tool { max-width: 2.6em !important; min-width: 2.6em !important; height: 
 .athanor-progress.athanor-done, .athanor-progress[data-status='cancelled'] { padding-left: .6em; }
 .athanor-progress.athanor-failed { padding-left: .6em; border-color: #dc2626; color: #dc2626; }
 .athanor-progress.athanor-queued span { color: var(--body-text-color-subdued); }
-.athanor-preview img { width: 100% !important; height: 100% !important; object-fit: contain; }
+.athanor-preview-frame { height: 420px; display: flex; align-items: center; justify-content: center;
+                         border: 1px solid var(--border-color-primary); border-radius: var(--block-radius);
+                         background: var(--block-background-fill); }
+.athanor-preview-frame img { width: 100%; height: 100%; object-fit: contain; }
 .athanor-info { font-size: .85em; }
 .athanor-infotext { white-space: pre-wrap; word-break: break-word; margin: .3em 0; font-size: .95em;
                     background: transparent; border: 0; padding: 0; }
