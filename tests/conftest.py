@@ -4,6 +4,10 @@ import os
 import socket
 
 import pytest
+import torch
+
+# Tiny models on a small shared CPU: one thread beats several (thread start-up dominates tiny ops).
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
