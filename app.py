@@ -239,7 +239,7 @@ def create_server(app: App):
 
     from modules.auth import install_security
 
-    server = FastAPI(title="Athanor", docs_url="/docs", redoc_url=None)
+    server = FastAPI(title="Athanor", docs_url=None, redoc_url=None)  # /docs comes with the API, offline
     app.server = server
     auth = install_security(server, app.args, app.logins, page_mounted=not app.args.nowebui)
     if app.args.api or app.args.nowebui:

@@ -265,11 +265,12 @@ class SecurityMiddleware:
             return
 
         origin = headers.get("origin")
-        if method in MUTATING_METHODS and origin is not None and not any(
-                origin_allowed(origin, host, self.policy.cors_origins, self.policy.cors_origin_regex)
-                # behind a reverse proxy the browser's host is in X-Forwarded-Host (a cross-site page
-                # cannot set that header without a CORS preflight, which is refused)
-                for host in (headers.get("host"), headers.get("x-forwarded-host", "").split(",")[0].strip())):
+        foreign = origin is not None and not any(
+            origin_allowed(origin, host, self.policy.cors_origins, self.policy.cors_origin_regex)
+            # behind a reverse proxy the browser's host is in X-Forwarded-Host (a cross-site page
+            # cannot set that header without a CORS preflight, which is refused)
+            for host in (headers.get("host"), headers.get("x-forwarded-host", "").split(",")[0].strip()))
+        if method in MUTATING_METHODS and foreign:
             await _send_json(send, 403, _error_body(
                 "Forbidden", f"Cross-site request refused: origin {origin!r} is not this server"))
             return
@@ -305,7 +306,11 @@ class SecurityMiddleware:
                 response_started = True
                 duration = f"{time.perf_counter() - started:.4f}".encode()
                 message = dict(message)
-                message["headers"] = [*message.get("headers", []), (b"x-process-time", duration)]
+                headers_out = list(message.get("headers", []))
+                if foreign:
+                    # no CORS for origins not allowed with --cors-allow-origins (Gradio grants localhost pages)
+                    headers_out = [(k, v) for k, v in headers_out if not k.lower().startswith(b"access-control-")]
+                message["headers"] = [*headers_out, (b"x-process-time", duration)]
             await send(message)
 
         try:

@@ -509,6 +509,7 @@ def _step_callback(ctx: ProcessingContext, pass_index: int, passes: int, batch_n
     progress = ctx.progress
     every = max(1, int(ctx.opts.get("show_progress_every_n_steps", 5)))
     previews = bool(ctx.opts.get("live_previews_enable", True))
+    full_previews = ctx.opts.get("show_progress_type") == "Full"  # a VAE decode: exact, but slower
     progress.job_no = batch_number * passes + pass_index
     progress.sampling_step, progress.sampling_steps = 0, 0
 
@@ -516,7 +517,10 @@ def _step_callback(ctx: ProcessingContext, pass_index: int, passes: int, batch_n
         progress.sampling_step, progress.sampling_steps = i + 1, n
         if previews and ((i + 1) % every == 0 or i + 1 == n):
             preview = shown(denoised if denoised is not None else latent)
-            progress.preview = to_pil(latent_preview_cheap(preview, ctx.model.family.is_sdxl))[0]
+            if full_previews:
+                progress.preview = to_pil(decode_latents(ctx.model, preview[:1], warn=ctx.warn))[0]
+            else:
+                progress.preview = to_pil(latent_preview_cheap(preview, ctx.model.family.is_sdxl))[0]
             progress.preview_step = i + 1
 
     return on_step

@@ -79,7 +79,7 @@ def srv(tmp_path_factory):
     (data / "outputs" / "link.png").symlink_to(data / "secret.txt")
     logins = ",".join(f"{u}:{p}" for u, p in USERS.items())
     args = appmod.build_parser().parse_args(["--data-dir", str(data), "--api", "--auth", logins,
-                                             "--admin-users", "carol", "--max-steps", "40"])
+                                             "--admin-users", "carol", "--max-steps", "40", "--max-images", "16"])
     app = appmod.App(args=args, paths=appmod.Paths.from_args(args), logins=dict(USERS))
     app.load_initial_model()
     order: list[str] = []
@@ -312,6 +312,16 @@ def test_cross_site_requests_are_refused(srv):
     assert srv.get("/sdapi/v1/options", "alice", headers=evil).status_code == 200  # reads are not mutations
     assert "access-control-allow-origin" not in {k.lower() for k in srv.get("/sdapi/v1/options", "alice",
                                                                             headers=evil).headers}
+    # Gradio would let pages on any localhost port read its routes; without --cors-allow-origins nobody may
+    session = requests.Session()
+    session.post(srv.url("/login"), data={"username": "alice", "password": USERS["alice"]}, timeout=30)
+    local_page = {"Origin": "http://localhost:3000"}
+    config = session.get(srv.url("/config"), headers=local_page, timeout=30)
+    assert config.status_code == 200
+    preflight = session.options(srv.url("/gradio_api/info"), timeout=30,
+                                headers={**local_page, "Access-Control-Request-Method": "GET"})
+    for response in (config, preflight):
+        assert not any(k.lower().startswith("access-control-allow") for k in response.headers)
 
 
 def test_settings_are_for_admins_and_never_paths(srv):

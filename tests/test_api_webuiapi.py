@@ -70,14 +70,21 @@ def test_txt2img_returns_images_with_infotext_info_and_parameters(api):
     assert np.array_equal(np.asarray(again.image), np.asarray(image))
 
 
-def test_batch_returns_grid_first_and_consecutive_seeds(api):
+def test_batch_has_consecutive_seeds_and_a_grid_only_when_saving(api, servers):
     result = small(api, batch_size=2, seed=50)
-    assert len(result.images) == 3  # grid, then the two images
-    assert result.info["index_of_first_image"] == 1
+    assert len(result.images) == 2 and result.info["index_of_first_image"] == 0  # A1111: no grid unless saving
     assert result.info["all_seeds"] == [50, 51]
-    assert result.images[0].size == (128, 64)
-    assert "Seed: 51" in result.images[2].info["parameters"]
-    assert not np.array_equal(np.asarray(result.images[1]), np.asarray(result.images[2]))
+    assert "Seed: 51" in result.images[1].info["parameters"]
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1]))
+    outputs = servers["open_dir"] / "outputs"
+    assert not list(outputs.rglob("*-50.png"))  # save_images defaults to False over the API
+
+    saved = small(api, batch_size=2, seed=50, save_images=True)
+    assert len(saved.images) == 3 and saved.info["index_of_first_image"] == 1  # grid, then the two images
+    assert saved.images[0].size == (128, 64)
+    assert np.array_equal(np.asarray(saved.images[1]), np.asarray(result.images[0]))
+    assert len(list(outputs.rglob("txt2img-images/*/*-50.png"))) == 1
+    assert len(list(outputs.rglob("txt2img-grids/*/*.png"))) == 1
 
 
 def test_a1111_defaults_and_legacy_sampler_names(servers):
@@ -107,7 +114,8 @@ def test_infotext_field_fills_unset_fields(servers):
     import requests
 
     base = f"http://127.0.0.1:{servers['open']}/sdapi/v1"
-    infotext = "a blue sphere\nNegative prompt: ugly\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 99, Size: 64x64"
+    infotext = ("a blue sphere\nNegative prompt: ugly\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 99, Size: 64x64, "
+                "Clip skip: 2")
     r = requests.post(f"{base}/txt2img", json={"infotext": infotext, "seed": 100}, timeout=60)
     assert r.status_code == 200, r.text
     params = r.json()["parameters"]
@@ -115,6 +123,9 @@ def test_infotext_field_fills_unset_fields(servers):
     assert params["steps"] == 2 and params["cfg_scale"] == 5
     assert params["seed"] == 100  # set explicitly: the infotext does not override it
     assert json.loads(r.json()["info"])["all_seeds"] == [100]
+    # options the infotext names become per-request overrides
+    assert params["override_settings"] == {"CLIP_stop_at_last_layers": 2}
+    assert "Clip skip: 2" in json.loads(r.json()["info"])["infotexts"][0]
 
 
 def _img2img_or_skip(api, **kwargs):
@@ -176,13 +187,26 @@ def test_png_info_reads_back_the_infotext(api):
     assert result.json["parameters"]["Prompt"] == "a red cube"
 
 
+def test_styles_from_styles_csv_are_listed_and_applied(api, servers):
+    (servers["open_dir"] / "styles.csv").write_text(
+        "name,prompt,negative_prompt\nOil,\"{prompt}, oil painting\",lowres\nPlain,sharp,\n", encoding="utf-8")
+    assert api.get_prompt_styles() == [{"name": "Oil", "prompt": "{prompt}, oil painting", "negative_prompt": "lowres"},
+                                       {"name": "Plain", "prompt": "sharp", "negative_prompt": ""}]
+    result = small(api, prompt="a cube", negative_prompt="blurry", styles=["Oil", "Plain"])
+    assert result.image.info["parameters"].startswith("a cube, oil painting, sharp\nNegative prompt: blurry, lowres\n")
+    assert result.info["styles"] == ["Oil", "Plain"]
+    with pytest.raises(RuntimeError) as unknown:
+        small(api, styles=["Missing"])
+    assert unknown.value.args[0] == 422 and "styles" in unknown.value.args[1]
+
+
 def test_listing_routes_answer_in_a1111_shapes(api):
     assert "Euler a" in api.util_get_sampler_names()
     assert "karras" in api.util_get_scheduler_names()
     assert {u["name"] for u in api.get_upscalers()} >= {"None", "Lanczos", "Nearest"}
     assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
     assert api.get_sd_vae() == [] and api.get_hypernetworks() == [] and api.get_loras() == []
-    assert api.get_face_restorers() == [] and api.get_realesrgan_models() == [] and api.get_prompt_styles() == []
+    assert api.get_face_restorers() == [] and api.get_realesrgan_models() == []
     assert set(api.get_embeddings()) == {"loaded", "skipped"}
     scripts = api.get_scripts()
     assert set(scripts) == {"txt2img", "img2img"} and all(name == name.lower() for name in scripts["txt2img"])

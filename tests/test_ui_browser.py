@@ -196,10 +196,14 @@ def test_page_loads_without_leaving_loopback_and_every_tab_renders(browser, serv
         if theme == "dark":
             assert page.evaluate("document.body.classList.contains('dark')")
         page.screenshot(path=str(ARTIFACTS / f"tab_txt2img_{theme}.png"), full_page=True)
-        tab_contents = {"pnginfo": ("pnginfo_image", "pnginfo_generation_info", "pnginfo_send_to_txt2img"),
+        tab_contents = {"img2img": ("img2img_prompt", "img2img_generate", "img2img_gallery", "img2img_steps",
+                                    "img2img_denoising_strength", "img2img_image"),
+                        "pnginfo": ("pnginfo_image", "pnginfo_generation_info", "pnginfo_send_to_txt2img"),
                         "settings": ("settings_submit", "setting_eta_noise_seed_delta", "setting_CLIP_stop_at_last_layers",
                                      "setting_randn_source", "setting_emphasis"),
                         "extensions": ("extensions_installed_html",)}
+        if "img2img" not in tabs:
+            del tab_contents["img2img"]
         for tab_id, elem_ids in tab_contents.items():
             page.click(f"#tab_{tab_id}-button")
             page.wait_for_selector(f"#tab_{tab_id}", state="visible")
@@ -392,11 +396,91 @@ def test_settings_apply_persists_and_rejects_bad_values(page, server):
 
 
 def test_broken_checkpoint_shows_an_error_and_keeps_the_model(page, server):
+    t=time.time()
     before = text(page, "setting_sd_model_checkpoint")
     page.locator("#setting_sd_model_checkpoint input").click()
     page.get_by_role("option", name="broken.safetensors").click()
+    print("A", time.time()-t)
     page.wait_for_function("document.querySelector('#athanor_notice').innerText.includes('Could not load')")
+    print("B", time.time()-t)
     page.wait_for_function(f"document.querySelector('#setting_sd_model_checkpoint input').value === {before!r}")
+    print("C", time.time()-t)
     small_job(page, "still works")
     page.click("#txt2img_generate")
     assert "Done" in wait_status(page, "done")
+    print("D", time.time()-t)
+
+
+def test_inpaint_mask_drawn_with_the_mouse_changes_only_the_masked_pixels(page, server, tmp_path):
+    import numpy as np
+
+    if page.locator("#tab_img2img-button").count() == 0:
+        pytest.skip("this build has no img2img tab")
+    y, x = np.mgrid[0:256, 0:256]
+    original = np.stack([x, y, (x + y) // 2], -1).astype("uint8")
+    source = tmp_path / "gradient.png"
+    Image.fromarray(original).save(source)
+
+    page.click("#tab_img2img-button")
+    page.click("#img2img_inpaint_tab-button")
+    page.wait_for_selector("#img2maskimg", state="visible")
+    with page.expect_file_chooser() as chooser:
+        page.locator("#img2maskimg button[aria-label='Upload']").click()
+    chooser.value.set_files(str(source))
+    page.wait_for_function("document.querySelector('#img2maskimg [aria-label=\"Brush\"]') !== null")
+    page.wait_for_timeout(300)
+    # A short stroke across the middle of the picture, with the editor's brush.
+    box = page.locator("#img2maskimg canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 30, cy)
+    page.mouse.down()
+    page.mouse.move(cx, cy, steps=5)
+    page.mouse.move(cx + 30, cy, steps=5)
+    page.mouse.up()
+    page.locator("#img2img_prompt textarea").fill("repaint the middle")
+    set_number(page, "img2img_steps", 2)
+    set_number(page, "img2img_width", 256)
+    set_number(page, "img2img_height", 256)
+    page.click("#img2img_generate")
+    page.wait_for_selector("#img2img_progress [data-status='done']")
+    path = page.locator("#html_info_img2img .athanor-path").inner_text().strip()
+    result = np.asarray(Image.open(path).convert("RGB"))
+    changed = np.abs(result.astype(int) - original.astype(int)).sum(-1) > 0
+    assert changed.sum() > 500, "the masked middle was not repainted"
+    rows, cols = np.nonzero(changed)
+    # Everything outside the stroke (and its blur) is exactly the original: the outer frame in particular.
+    assert rows.min() > 32 and rows.max() < 224 and cols.min() > 32 and cols.max() < 224
+    assert "repaint the middle" in Image.open(path).info["parameters"]
+    assert "Mask blur: 4" in Image.open(path).info["parameters"]
+
+
+def test_send_a_result_to_inpaint_with_its_parameters(page, server):
+    if page.locator("#tab_img2img-button").count() == 0:
+        pytest.skip("this build has no img2img tab")
+    small_job(page, "send me over")
+    set_number(page, "txt2img_cfg_scale", 5)
+    page.locator("#txt2img_prompt textarea").press("Control+Enter")  # A1111's shortcut for Generate
+    wait_status(page, "done")
+    page.click("#txt2img_send_to_inpaint")
+    page.wait_for_selector("#tab_img2img", state="visible")
+    page.wait_for_selector("#img2img_inpaint_tab", state="visible")
+    page.wait_for_function("document.querySelector('#img2img_prompt textarea').value === 'send me over'")
+    assert number(page, "img2img_cfg_scale") == 5
+    assert number(page, "img2img_width") == 64
+    # The picture is in the inpaint editor, ready for a mask.
+    page.wait_for_function("!document.querySelector('#img2maskimg').innerText.includes('Upload an image')")
+
+
+def test_selecting_an_image_shows_its_own_infotext_and_seed(page, server):
+    small_job(page, "a pair")
+    set_number(page, "txt2img_batch_size", 2)
+    set_number(page, "txt2img_seed", 4242)
+    page.click("#txt2img_generate")
+    assert "2 images" in wait_status(page, "done")
+    page.wait_for_selector("#txt2img_gallery button[aria-label='Thumbnail 3 of 3']")
+    assert "Seed: 4242" in page.locator("#html_info_txt2img").inner_text()  # the grid: the first image's text
+    page.click("#txt2img_gallery button[aria-label='Thumbnail 3 of 3']")
+    page.wait_for_function("document.querySelector('#html_info_txt2img').innerText.includes('Seed: 4243')")
+    set_number(page, "txt2img_seed", -1)
+    page.click("#txt2img_reuse_seed")
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '4243'")

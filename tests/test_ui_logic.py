@@ -237,3 +237,42 @@ def test_mount_options_serve_outputs_and_inline_assets(tmp_path):
     assert ".x{}" in options["css"] and "console.log('ext')" in options["head"]
     assert "://" not in options["head"]  # nothing fetched from anywhere
 
+
+
+@pytest.mark.parametrize("method, size", [("Approx cheap", 8), ("Full", 64)])
+def test_live_preview_method_setting(method, size, tmp_path):
+    """"Approx cheap" previews the latent (1/8 size, no VAE); "Full" decodes it with the VAE at full size."""
+    import torch
+
+    from modules.processing import ModelRef, ProcessingContext, process_txt2img
+
+    opts = Options(None).snapshot({"show_progress_type": method, "show_progress_every_n_steps": 1})
+    ctx = ProcessingContext(model=tiny_loaded_model("sd1"), model_ref=ModelRef("tiny", None), opts=opts,
+                            device=torch.device("cpu"), dtype=torch.float32, outputs_dir=tmp_path)
+    process_txt2img(GenerationRequest(prompt="a", steps=2, width=64, height=64, save_images=False), ctx)
+    assert ctx.progress.preview_step == 2
+    assert ctx.progress.preview.size == (size, size)
+
+
+def _page_for(tmp_path, *flags):
+    from app import App, Paths, build_parser
+    from modules.ui import build_ui
+
+    args = build_parser().parse_args(["--data-dir", str(tmp_path), *flags])
+    app = App(args=args, paths=Paths.from_args(args), logins={"a": "b"} if "--listen" in flags else {})
+    demo = build_ui(app)
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+def test_listening_server_locks_paths_and_extension_installs(tmp_path):
+    page = _page_for(tmp_path / "listen", "--listen", "--auth", "a:b")
+    assert page["setting_outdir_txt2img_samples"].interactive is False
+    assert page["setting_outdir_samples"].interactive is False
+    assert page["setting_eta_noise_seed_delta"].interactive is not False  # ordinary settings stay editable
+    assert page["install_url"].visible is False and page["install_button"].visible is False
+    assert "extensions_install_disabled" in page
+    assert page["extensions_enabled"].interactive is False
+
+    local = _page_for(tmp_path / "local")
+    assert local["setting_outdir_txt2img_samples"].interactive is not False
+    assert "extensions_install_disabled" not in local

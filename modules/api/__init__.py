@@ -80,9 +80,11 @@ def mount_api(server: Any, app: Any) -> None:
     """Add `/sdapi/v1/*` and `/api/v1/jobs*` to `server`. Call before Gradio is mounted at "/"."""
     from modules.api.a1111 import add_a1111_routes
     from modules.api.common import ApiContext, install_error_handlers
+    from modules.api.docs import add_docs_route
     from modules.api.jobs_api import add_job_routes
 
     context = ApiContext.for_app(app)
     install_error_handlers(server)
     add_a1111_routes(server, context)
     add_job_routes(server, context)
+    add_docs_route(server)

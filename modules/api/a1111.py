@@ -9,8 +9,6 @@ fetched; requests over the server's limits get a 422 naming the field.
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import time
 from typing import Any
@@ -25,8 +23,6 @@ from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency,
                                 dumps_info, encode_png_base64, invalid, raise_pydantic, submit, wait_for_job)
 from modules.api.models import (A1111ProcessingBase, Img2ImgRequest, ImagesResponse, PngInfoRequest,
                                 PngInfoResponse, ProgressResponse, ProgressState, ScriptsList, Txt2ImgRequest)
-
-log = logging.getLogger("athanor.api")
 
 PREFIX = "/sdapi/v1"
 
@@ -81,11 +77,6 @@ def apply_infotext(body: A1111ProcessingBase, kind: str, opts: Any) -> A1111Proc
         if value is None or name in explicitly_set or value in _SAME_AS_FIRST_PASS:
             continue
         updates[name] = value
-    if "Styles array" in params and "styles" not in explicitly_set:
-        try:
-            updates["styles"] = json.loads(params["Styles array"])
-        except (TypeError, ValueError):
-            pass
     if kind == "txt2img" and "enable_hr" not in explicitly_set:
         hires = "Denoising strength" in params and any(k in params for k in ("Hires upscale", "Hires upscaler",
                                                                               "Hires resize-1"))
@@ -117,11 +108,9 @@ def apply_infotext(body: A1111ProcessingBase, kind: str, opts: Any) -> A1111Proc
 
     merged = {**body.model_dump(exclude_unset=True), **updates}
     try:
-        new = type(body).model_validate(merged)
+        return type(body).model_validate(merged)
     except ValidationError as exc:
         raise_pydantic(exc, prefix=("infotext",))
-    # keep what was set explicitly marked as set (the echo shows the merged request)
-    return new
 
 
 def check_scripts(body: A1111ProcessingBase, is_img2img: bool, scripts: list[ScriptEntry]) -> None:
@@ -223,10 +212,11 @@ def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiC
         try:
             values["prompt"], values["negative_prompt"] = context.styles.apply(
                 body.styles, body.prompt, body.negative_prompt)
-            for hr_name, hr_negative in (("hr_prompt", "hr_negative_prompt"),):
-                if values.get(hr_name) or values.get(hr_negative):
-                    values[hr_name], values[hr_negative] = context.styles.apply(
-                        body.styles, values.get(hr_name) or "", values.get(hr_negative) or "")
+            hr_styled = context.styles.apply(body.styles, values.get("hr_prompt") or "",
+                                             values.get("hr_negative_prompt") or "")
+            for index, name in enumerate(("hr_prompt", "hr_negative_prompt")):
+                if values.get(name):  # an empty one means "the (styled) first-pass prompt"
+                    values[name] = hr_styled[index]
         except ValueError as exc:
             raise invalid("styles", f"{exc}; GET {PREFIX}/prompt-styles lists the styles") from None
     values.update(kind=kind, sampler_name=sampler_name, scheduler=body.scheduler or "Automatic",
@@ -269,8 +259,9 @@ def images_response(job: Any, body: A1111ProcessingBase, context: ApiContext, ec
     images = list(result.images)
     infotexts = list(result.infotexts)
     info = dict(result.info)
-    if result.grid is not None:
-        # A1111 returns the grid first, with the first image's infotext, and says so in the info
+    if result.grid is not None and body.save_images:
+        # A1111 returns the grid first (with the first image's infotext, and says so in the info) only when it
+        # may save grids: its API sets do_not_save_grid = not save_images
         images.insert(0, result.grid)
         infotexts.insert(0, infotexts[0] if infotexts else "")
         if len(info.get("infotexts", ())) == len(result.images):

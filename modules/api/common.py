@@ -10,7 +10,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NoReturn, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -126,7 +126,7 @@ def validation_error_response(details: list[dict[str, Any]], status: int = 422) 
     return error_response(status, "RequestValidationError", details, text)
 
 
-def raise_pydantic(exc: ValidationError, *, prefix: Sequence[str | int] = ()) -> None:
+def raise_pydantic(exc: ValidationError, *, prefix: Sequence[str | int] = ()) -> NoReturn:
     """Re-raise a pydantic error met while converting a request as a 422 naming the fields."""
     details = [{"loc": ["body", *prefix, *d["loc"]], "msg": d["msg"], "type": d["type"]}
                for d in validation_details(exc.errors())]

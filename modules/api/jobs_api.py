@@ -110,7 +110,12 @@ def add_job_routes(server: FastAPI, context: ApiContext) -> None:
     caller = caller_dependency(context)
     tags = ["Jobs"]
 
-    @server.post(PREFIX, response_model=JobSubmitted, status_code=202, tags=tags)
+    from modules.request import GenerationRequest
+
+    body_schema = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": GenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+    @server.post(PREFIX, response_model=JobSubmitted, status_code=202, tags=tags, openapi_extra=body_schema)
     async def submit_job(body: dict[str, Any] = Body(..., description="GenerationRequest fields; images as base64"),
                          who: Caller = Depends(caller)):
         """Queue a generation; returns its id and place in the queue at once."""

@@ -89,7 +89,6 @@ def build_ui(app: Any) -> gr.Blocks:
                       token_counter=TokenCounter(app.models, app.opts))
     img2img_ui = _optional_ui_module("img2img")
     has_img2img = img2img_ui is not None and hasattr(img2img_ui, "build_img2img_tab")
-    image_sends = ("img2img", "inpaint") if has_img2img else ()
 
     with gr.Blocks(title="Athanor", analytics_enabled=False) as demo:
         qs = build_quicksettings(app)
@@ -100,13 +99,13 @@ def build_ui(app: Any) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs", overflow_behavior="wrap") as tabs:
             shared.tabs = tabs
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                t2i, swap = build_txt2img_tab(app, shared, ("pnginfo",) + image_sends)
+                t2i, swap = build_txt2img_tab(app, shared)
             if has_img2img:
                 handle = img2img_ui.build_img2img_tab(app, shared)
                 if isinstance(handle, TabHandle):
                     shared.tab_handles.setdefault(handle.name, handle)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
-                png = build_pnginfo_tab(("txt2img",) + image_sends)
+                png = build_pnginfo_tab(("txt2img", "img2img", "inpaint"))
             shared.pnginfo_image = png.image
             for index, ext_tab in enumerate(_extension_tabs(app)):
                 if isinstance(ext_tab, tuple):  # A1111's (blocks, title, elem_id)
@@ -135,12 +134,14 @@ def build_ui(app: Any) -> gr.Blocks:
         connect_seed_buttons(t2i)
         connect_swap(swap, t2i.fields)
         connect_token_counters(shared, t2i)
-        style_dropdowns = [h.fields["styles"] for h in shared.tab_handles.values() if "styles" in h.fields]
-        connect_styles(shared, t2i, lambda: style_dropdowns)
         connect_paste(app, shared, t2i, ALL_PASTE_FIELDS)
         wire_results(app, t2i.panel, shared, outputs_subdir="txt2img-images")
+        # Styles and send-to buttons for every generation tab (img2img's too), now that all tabs exist.
+        style_dropdowns = [tab.area.styles for tab in shared.generation_tabs.values()]
+        for tab in shared.generation_tabs.values():
+            connect_styles(shared, tab, lambda: style_dropdowns)
         connect_pnginfo(png)
-        _connect_sends(app, shared, t2i.panel, png)
+        _connect_sends(app, shared, png)
         connect_settings(app, settings_tab)
         connect_extensions(app, extensions_tab)
 
@@ -164,37 +165,38 @@ def build_ui(app: Any) -> gr.Blocks:
     return demo
 
 
-def _connect_sends(app: Any, shared: UiShared, panel: Any, png: Any) -> None:
-    """"Send to" buttons: PNG Info -> a tab's fields; a result image -> img2img / inpaint with its parameters."""
+def _paste_into(app: Any, shared: UiShared, handle: TabHandle, text: str, *, from_image: bool) -> list:
+    """Updates for every field of `handle` from an infotext (a sent image honours send_seed / send_size)."""
+    from modules.ui.generation import paste_updates
 
-    def paste_into(handle: TabHandle, text: str, *, from_image: bool) -> list:
-        names = list(handle.fields)
-        skip = []
-        if from_image and not app.opts.get("send_seed"):
-            skip += ["seed", "subseed"]
-        if from_image and not app.opts.get("send_size"):
-            skip += ["width", "height"]
-        result = paste_mod.paste_values(text, ALL_PASTE_FIELDS, wanted=names, registry=app.registry,
-                                        styles=shared.styles if "styles" in names else None, skip=skip)
-        from modules.ui.generation import paste_updates
+    names = list(handle.fields)
+    skip = []
+    if from_image and not app.opts.get("send_seed"):
+        skip += ["seed", "subseed"]
+    if from_image and not app.opts.get("send_size"):
+        skip += ["width", "height"]
+    result = paste_mod.paste_values(text, ALL_PASTE_FIELDS, wanted=names, registry=app.registry,
+                                    styles=shared.styles if "styles" in names else None, skip=skip)
+    return paste_updates(result.values, names)
 
-        return paste_updates(result.values, names)
 
-    # PNG Info -> txt2img / img2img / inpaint
+def _connect_sends(app: Any, shared: UiShared, png: Any) -> None:
+    """"Send to" buttons: PNG Info -> a tab's fields (and image); a result image -> PNG Info, img2img, inpaint."""
+    img2img = shared.tab_handles.get("img2img")
+
     for target, button in png.send_buttons.items():
         handle = shared.tab_handles.get("txt2img" if target == "txt2img" else "img2img")
         if handle is None:
+            button.visible = False
             continue
         image_target = handle.image_targets.get(target)
-        outputs = list(handle.fields.values()) + [shared.tabs]
         subtab = handle.subtab_for.get(target)
-        if image_target is not None:
-            outputs.append(image_target)
-        if subtab is not None:
-            outputs.append(subtab[0])
+        outputs = list(handle.fields.values()) + [shared.tabs]
+        outputs += [image_target] if image_target is not None else []
+        outputs += [subtab[0]] if subtab is not None else []
 
         def on_send(text, path, _handle=handle, _image=image_target, _subtab=subtab):
-            out = paste_into(_handle, text or "", from_image=False) + [gr.Tabs(selected=_handle.tab_id)]
+            out = _paste_into(app, shared, _handle, text or "", from_image=False) + [gr.Tabs(selected=_handle.tab_id)]
             if _image is not None:
                 out.append(_image_value(_image, path) if path else gr.skip())
             if _subtab is not None:
@@ -204,29 +206,43 @@ def _connect_sends(app: Any, shared: UiShared, panel: Any, png: Any) -> None:
         button.click(on_send, inputs=[png.parameters, png.image], outputs=outputs, api_visibility=PRIVATE,
                      show_progress="hidden")
 
-    # txt2img result -> img2img / inpaint
-    handle = shared.tab_handles.get("img2img")
-    for target in ("img2img", "inpaint"):
-        image_target = handle.image_targets.get(target) if handle else None
-        if image_target is None:
-            continue
-        subtab = handle.subtab_for.get(target)
-        outputs = list(handle.fields.values()) + [shared.tabs, image_target] + ([subtab[0]] if subtab else [])
+    for tab in shared.generation_tabs.values():
+        panel = tab.panel
 
-        def on_send_image(shown: Shown, selected: int, _handle=handle, _image=image_target, _subtab=subtab):
-            i = shown.at(selected)
+        def send_to_pnginfo(shown: Shown, selected: int):
             path = shown.path(selected)
-            if i is None or path is None:
-                gr.Warning("Generate an image first.")
-                return [gr.skip() for _ in outputs]
-            out = paste_into(_handle, shown.infotexts[i], from_image=True)
-            out += [gr.Tabs(selected=_handle.tab_id), _image_value(_image, path)]
-            if _subtab is not None:
-                out.append(gr.Tabs(selected=_subtab[1]))
-            return out
+            if path is None:
+                gr.Warning("Generate an image first (only saved images carry their parameters).")
+                return gr.skip(), gr.skip()
+            return path, gr.Tabs(selected="pnginfo")
 
-        panel.send_buttons[target].click(on_send_image, inputs=[panel.shown, panel.selected], outputs=outputs,
-                                         api_visibility=PRIVATE, show_progress="hidden")
+        panel.send_buttons["pnginfo"].visible = True
+        panel.send_buttons["pnginfo"].click(send_to_pnginfo, inputs=[panel.shown, panel.selected],
+                                            outputs=[png.image, shared.tabs], api_visibility=PRIVATE,
+                                            show_progress="hidden")
+
+        for target in ("img2img", "inpaint"):
+            image_target = img2img.image_targets.get(target) if img2img else None
+            if image_target is None:
+                continue
+            subtab = img2img.subtab_for.get(target)
+            outputs = list(img2img.fields.values()) + [shared.tabs, image_target] + ([subtab[0]] if subtab else [])
+
+            def on_send_image(shown: Shown, selected: int, _image=image_target, _subtab=subtab, _n=len(outputs)):
+                i = shown.at(selected)
+                path = shown.path(selected)
+                if i is None or path is None:
+                    gr.Warning("Generate an image first.")
+                    return [gr.skip()] * _n
+                out = _paste_into(app, shared, img2img, shown.infotexts[i], from_image=True)
+                out += [gr.Tabs(selected=img2img.tab_id), _image_value(_image, path)]
+                if _subtab is not None:
+                    out.append(gr.Tabs(selected=_subtab[1]))
+                return out
+
+            panel.send_buttons[target].visible = True
+            panel.send_buttons[target].click(on_send_image, inputs=[panel.shown, panel.selected], outputs=outputs,
+                                             api_visibility=PRIVATE, show_progress="hidden")
 
 
 def extension_assets(app: Any) -> tuple[str, str]:

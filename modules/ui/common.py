@@ -83,6 +83,8 @@ class UiShared:
     - `pnginfo_image`: the PNG Info tab's image input (filled by "send to PNG Info").
     - `styles`: the styles database (modules.ui.styles.StyleDatabase).
     - `token_counter`: callable(text, steps, styles, is_positive) -> "count/75k" text.
+    - `generation_tabs`: every GenerationTab whose Generate is connected (connect_generate registers it), so
+      build_ui can wire styles and send-to buttons for all of them at the end.
     """
 
     app: Any
@@ -93,3 +95,4 @@ class UiShared:
     pnginfo_image: Any = None
     styles: Any = None
     token_counter: Callable[..., str] | None = None
+    generation_tabs: dict[str, Any] = field(default_factory=dict)

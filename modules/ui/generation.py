@@ -248,6 +248,7 @@ def connect_generate(app: Any, shared: UiShared, tab: GenerationTab,
     `extra_inputs` are more components whose values are handed to `adjust(values, extra_values)`, which may
     add request fields (img2img uses it for the init image and mask).
     """
+    shared.generation_tabs[tab.name] = tab
     names = list(tab.fields)
     components = [tab.fields[n] for n in names]
     extra_inputs = list(extra_inputs or [])

@@ -115,8 +115,9 @@ class ResultsPanel:
 SEND_TARGETS = (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"), ("pnginfo", "Send to PNG Info"))
 
 
-def build_results(tabname: str, send_targets: tuple[str, ...] = ("pnginfo",)) -> ResultsPanel:
-    """Lay out the results column (call inside a gr.Column); `send_targets` says which send-to buttons to show."""
+def build_results(tabname: str, send_targets: tuple[str, ...] = ()) -> ResultsPanel:
+    """Lay out the results column (call inside a gr.Column). The send-to buttons start hidden; build_ui shows and
+    wires those whose target exists (`send_targets` shows some from the start)."""
     progress = gr.HTML("", elem_id=f"{tabname}_progress", elem_classes=["athanor-progress-box"])
     # The live preview is an inline data: image in HTML: no file in Gradio's cache, no second request per frame.
     preview = gr.HTML("", elem_id=f"{tabname}_preview", visible=False, elem_classes=["athanor-preview"])
@@ -198,7 +199,10 @@ def open_folder(path: str) -> None:
 
 
 def wire_results(app: Any, panel: ResultsPanel, shared: UiShared, *, outputs_subdir: str) -> None:
-    """Connect the panel's events: interrupt/skip live on the tab; these are selection, folder, send-to."""
+    """Connect the panel's own events: selection (infotext, download), open folder.
+
+    Interrupt and Skip are wired with Generate (generation.connect_generate); the send-to buttons by build_ui once
+    every tab exists."""
 
     def on_select(shown: Shown, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else 0
@@ -225,16 +229,3 @@ def wire_results(app: Any, panel: ResultsPanel, shared: UiShared, *, outputs_sub
 
     panel.open_folder.click(on_open_folder, inputs=[panel.shown, panel.selected], outputs=[panel.folder_note],
                             api_visibility=PRIVATE, show_progress="hidden")
-
-    # Send to PNG Info: put the saved file (with its metadata) into the PNG Info tab and switch to it.
-    if shared.pnginfo_image is not None:
-        def send_to_pnginfo(shown: Shown, selected: int):
-            path = shown.path(selected)
-            if path is None:
-                gr.Warning("Generate an image first (only saved images carry their parameters).")
-                return gr.skip(), gr.skip()
-            return path, gr.Tabs(selected="pnginfo")
-
-        panel.send_buttons["pnginfo"].click(send_to_pnginfo, inputs=[panel.shown, panel.selected],
-                                            outputs=[shared.pnginfo_image, shared.tabs], api_visibility=PRIVATE,
-                                            show_progress="hidden")

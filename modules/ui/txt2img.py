@@ -94,7 +94,7 @@ def build_hires_panel(app: Any, tabname: str, fields: dict[str, Any], checkpoint
                                                           placeholder="Leave empty to use the same negative prompt.")
 
 
-def build_txt2img_tab(app: Any, shared: UiShared, send_targets: tuple[str, ...]) -> tuple[GenerationTab, Any]:
+def build_txt2img_tab(app: Any, shared: UiShared) -> tuple[GenerationTab, Any]:
     """Lay out the txt2img tab's contents (inside its gr.Tab). Returns the tab record and the W/H swap button."""
     fields: dict[str, Any] = {}
     ui_fields: dict[str, Any] = {}
@@ -109,7 +109,7 @@ def build_txt2img_tab(app: Any, shared: UiShared, send_targets: tuple[str, ...])
             seed = build_seed_panel("txt2img", fields, ui_fields)
             build_clip_skip("txt2img", fields)
         with gr.Column(scale=1, min_width=320, elem_id="txt2img_results"):
-            panel = build_results("txt2img", send_targets)
+            panel = build_results("txt2img")
     tab = GenerationTab("txt2img", "txt2img", area, seed, panel, fields, ui_fields)
     shared.tab_handles["txt2img"] = TabHandle("txt2img", "txt2img", fields={**fields, **ui_fields,
                                                                                "styles": area.styles,
