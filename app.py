@@ -216,8 +216,13 @@ class App:
         if req.clip_skip is not None:
             overrides["CLIP_stop_at_last_layers"] = req.clip_skip
         opts = self.opts.snapshot(overrides)
+        # A per-request checkpoint override lasts for this job only (A1111's restore-afterwards): a job
+        # without one uses the configured checkpoint, so the override is undone lazily by the next job.
+        configured = self.opts.get("sd_model_checkpoint") or None
+        if configured and self.registry.find_checkpoint(configured) is None:
+            configured = None
         with self.models.lock:
-            active = self.models.ensure(req.checkpoint or overrides.get("sd_model_checkpoint") or None,
+            active = self.models.ensure(req.checkpoint or overrides.get("sd_model_checkpoint") or configured,
                                         opts.get("sd_vae", "Automatic"))
             ctx = ProcessingContext(model=active.model, model_ref=active.ref, opts=opts,
                                     device=self.device.device, dtype=self.device.dtype,

@@ -46,6 +46,7 @@ class Job:
     finished: float | None = None
     status: str = QUEUED
     error: str | None = None
+    error_kind: str | None = None  # "input" (bad request), "extension", "oom" or "internal"
     result: GenerationResult | None = None
     control: JobControl = field(default_factory=JobControl)
     progress: Progress = field(default_factory=Progress)
@@ -59,6 +60,19 @@ class Job:
 Runner = Callable[[Job], GenerationResult]
 
 
+def error_kind(exc: BaseException) -> str:
+    """Sort a job failure: the user's input, an extension, out of memory, or our own bug."""
+    from modules.hooks import ExtensionError
+
+    if isinstance(exc, ExtensionError):
+        return "extension"
+    if is_oom(exc):
+        return "oom"
+    if isinstance(exc, ValueError):
+        return "input"
+    return "internal"
+
+
 class JobQueue:
     def __init__(self, runner: Runner, *, max_queued_per_user: int = 100, keep_finished: int = 200):
         self._runner = runner
@@ -70,6 +84,7 @@ class JobQueue:
         self._jobs: dict[str, Job] = {}
         self._finished_order: collections.deque[str] = collections.deque()
         self._running: Job | None = None
+        self._last_served: str | None = None
         self._stopping = False
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -85,7 +100,12 @@ class JobQueue:
             job = Job(request=request, owner=owner, seq=next(self._seq))
             queue.append(job)
             if owner not in self._users:
-                self._users.append(owner)
+                # A newcomer goes before the user served last (who sits at the end after being served),
+                # so someone who was alone in the queue does not get a second turn first.
+                if self._users and self._users[-1] == self._last_served:
+                    self._users.insert(len(self._users) - 1, owner)
+                else:
+                    self._users.append(owner)
             self._jobs[job.id] = job
             self._lock.notify_all()
             return job
@@ -96,6 +116,11 @@ class JobQueue:
         if job is None:
             raise JobNotFound(job_id)
         return job
+
+    def all_jobs(self) -> list[Job]:
+        """Every job still known (queued, running, or among the recently finished), oldest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.seq)
 
     def jobs_of(self, owner: str) -> list[Job]:
         with self._lock:
@@ -165,6 +190,7 @@ class JobQueue:
                     queue = self._pending.get(user)
                     if queue:
                         job = queue.popleft()
+                        self._last_served = user
                         job.status = RUNNING
                         job.started = time.time()
                         job.progress.started = job.started
@@ -183,18 +209,21 @@ class JobQueue:
                 result = self._runner(job)
             except Exception as exc:  # noqa: BLE001 - a failing job fails alone
                 message = str(exc) or type(exc).__name__
-                if is_oom(exc):
+                kind = error_kind(exc)
+                if kind == "oom":
                     message = f"Out of memory: {message}. Try a smaller size or batch."
                 log.error("Job %s failed: %s\n%s", job.id, message, traceback.format_exc())
-                self._finish(job, FAILED, None, message)
+                self._finish(job, FAILED, None, message, kind)
             else:
                 self._finish(job, DONE, result)
 
-    def _finish(self, job: Job, status: str, result: GenerationResult | None, error: str | None = None) -> None:
+    def _finish(self, job: Job, status: str, result: GenerationResult | None, error: str | None = None,
+                kind: str | None = None) -> None:
         with self._lock:
             job.status = status
             job.result = result
             job.error = error
+            job.error_kind = kind
             job.finished = time.time()
             if self._running is job:
                 self._running = None

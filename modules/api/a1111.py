@@ -249,7 +249,9 @@ def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiC
 def images_response(job: Any, body: A1111ProcessingBase, context: ApiContext, echo: dict[str, Any]) -> dict[str, Any]:
     """A1111's {images, parameters, info} for a finished job."""
     if job.status == "failed":
-        raise ApiError(500, job.error or "Generation failed", error="GenerationError")
+        # a request the engine found invalid is the client's error (422), anything else is ours (500)
+        status = 422 if job.error_kind == "input" else 500
+        raise ApiError(status, job.error or "Generation failed", error="GenerationError")
     result = job.result
     if result is None:  # cancelled before it started
         info = {"infotexts": [], "all_seeds": [], "interrupted": True, "error": job.error or "cancelled"}
@@ -355,8 +357,12 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
     def get_options(who: Caller = Depends(caller)) -> dict[str, Any]:
         """Every setting under A1111's names, with the loaded checkpoint's title and sha256."""
         options = app.opts.as_dict()
+        configured = app.registry.find_checkpoint(options.get("sd_model_checkpoint") or "")
         active = app.models.active
-        if active is not None:
+        if configured is not None:  # what the next job without an override will use
+            options["sd_model_checkpoint"] = configured.title
+            options["sd_checkpoint_hash"] = configured.sha256 or ""
+        elif active is not None:
             options["sd_model_checkpoint"] = active.title
             options["sd_checkpoint_hash"] = (active.info.sha256 if active.info is not None else None) or ""
         return options

@@ -85,6 +85,7 @@ def job_status(job: Any, queue: Any, *, with_preview: bool = False) -> dict[str,
         "created": job.created, "started": job.started, "finished": job.finished,
         "job_no": p.job_no, "job_count": p.job_count, "step": p.sampling_step, "steps": p.sampling_steps,
         "progress": progress, "eta": p.eta_seconds if running else None, "error": job.error,
+        "error_kind": job.error_kind,
         "interrupted": bool(job.result is not None and job.result.interrupted) or job.control.interrupted.is_set(),
         "preview": preview,
     }
@@ -217,8 +218,4 @@ def add_job_routes(server: FastAPI, context: ApiContext) -> None:
 
 
 def _every_job(queue: Any) -> list[Any]:
-    every = getattr(queue, "all_jobs", None)
-    if callable(every):
-        return list(every())
-    # JobQueue has no public "every job" accessor yet; its job table is the one place that has them all
-    return list(getattr(queue, "_jobs", {}).values())
+    return list(queue.all_jobs())
