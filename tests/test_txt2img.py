@@ -87,9 +87,12 @@ def test_batch_seeds_and_saved_files(model, tmp_path):
     assert result.seeds == [100, 101, 102, 103]
     saved = sorted(p for p in (tmp_path / "txt2img-images").rglob("*.png"))
     assert [p.name for p in saved] == ["00000-100.png", "00001-101.png", "00002-102.png", "00003-103.png"]
-    # image i of the batch equals a single-image job with seed+i
+    # image i of the batch equals a single-image job with seed+i (same noise; batched float math may
+    # round a pixel differently, as on any backend)
     single = run(model, tmp_path, seed=102, save_images=False)
-    assert np.array_equal(pixels(single.images[0]), pixels(result.images[2]))
+    assert np.abs(pixels(single.images[0]) - pixels(result.images[2])).max() <= 2
+    other = run(model, tmp_path, seed=103, save_images=False)
+    assert np.abs(pixels(other.images[0]) - pixels(result.images[2])).mean() > 5
     # the PNG carries the infotext, which parses back to the request's values
     with Image.open(saved[1]) as im:
         text = im.info["parameters"]
