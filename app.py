@@ -197,11 +197,19 @@ class App:
             wanted = info.title if info else wanted
         elif self.opts.get("sd_model_checkpoint") and self.registry.find_checkpoint(self.opts.get("sd_model_checkpoint")):
             wanted = self.opts.get("sd_model_checkpoint")
-        try:
-            active = self.models.ensure(wanted, self.opts.get("sd_vae"))
-        except ValueError as exc:
-            self._notice(f"Could not load the checkpoint: {exc}. Starting with the first one available.")
-            active = self.models.ensure(None)
+        # The wanted checkpoint first, then every other one; a broken file never stops the app from starting.
+        candidates = [wanted] if wanted else []
+        candidates += [c.title for c in self.registry.checkpoints if c.title != wanted]
+        vae = self.opts.get("sd_vae")
+        for title in candidates:
+            try:
+                active = self.models.ensure(title, vae)
+                break
+            except ValueError as exc:
+                self._notice(f"Could not load the checkpoint {title}: {exc}")
+                vae = "Automatic"
+        else:
+            active = self.models.load_builtin()
         log.info("Model ready: %s on %s", active.title, self.device.label)
 
     # -- jobs ---------------------------------------------------------------------------

@@ -8,7 +8,8 @@
    first preview exists: the ratio (and the difference) is what the page adds on top of the work.
    Click to finished image is printed the same way.
 
-Runs alternate between the two sides; medians are printed.
+Runs alternate between the two sides; medians are printed. Both torch processes use OMP_WAIT_POLICY=PASSIVE so
+the idle one does not spin on the cores the other needs.
 
     .venv/bin/python bench/ui.py [--runs 7] [--steps 20] [--size 128]
 """
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Both sides run torch on the same few cores: idle OpenMP threads must not spin and steal them from the other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -83,6 +83,11 @@ class ModelManager:
                 return active if vae == active.vae_name else self._switch_vae(vae)
             return self._load(target, vae)
 
+    def load_builtin(self) -> ActiveModel:
+        """The built-in tiny model, whatever the checkpoints folder holds (when none of them loads)."""
+        with self._lock:
+            return self._load(None, VAE_AUTOMATIC)
+
     def _load(self, info: CheckpointInfo | None, vae: str) -> ActiveModel:
         previous = self._active
         vae_path = self._vae_path(vae, info)
@@ -141,12 +146,14 @@ class ModelManager:
     def _switch_vae(self, vae: str) -> ActiveModel:
         active = self._active
         path = self._vae_path(vae, active.info)
-        if path is None:
+        if path == active.model.vae_path:
+            model = active.model  # e.g. "Automatic" and "None" both mean the checkpoint's own VAE here
+        elif path is None:
             model = model_loader.with_vae(active.model, None)
         else:
-            vae = model_loader.load_vae(path, family=active.model.family, dtype=self.device.dtype,
-                                        device=self.device.device)
-            model = model_loader.with_vae(active.model, vae, path)
+            module = model_loader.load_vae(path, family=active.model.family, dtype=self.device.dtype,
+                                           device=self.device.device)
+            model = model_loader.with_vae(active.model, module, path)
         self._active = ActiveModel(model, active.title, active.ref, active.info, vae)
         return self._active
 

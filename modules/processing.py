@@ -183,7 +183,8 @@ def build_infotext(req: GenerationRequest, ctx: ProcessingContext, *, prompt: st
         "Steps": req.steps,
         "Sampler": sampler.name,
         "Schedule type": schedule_label,
-        "CFG scale": req.cfg_scale,
+        # A1111's page writes a whole-number scale as "7", not "7.0"
+        "CFG scale": int(req.cfg_scale) if float(req.cfg_scale).is_integer() else req.cfg_scale,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         "Model hash": ctx.model_ref.shorthash if opts.get("add_model_hash_to_info", True) else None,

@@ -84,3 +84,19 @@ def test_help_documents_flags():
     for flag in ("--port", "--listen", "--api", "--ckpt", "--ckpt-dir", "--vae-dir", "--embeddings-dir",
                  "--hypernetwork-dir", "--lora-dir", "--data-dir", "--device", "--precision", "--no-half"):
         assert flag in result.stdout
+
+
+def test_starts_even_when_the_first_checkpoint_is_broken(tmp_path):
+    from tests.tiny_checkpoints import tiny_checkpoint_path
+
+    ckpts = tmp_path / "models" / "Stable-diffusion"
+    ckpts.mkdir(parents=True)
+    (ckpts / "aaa-broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    (ckpts / "bbb-good.safetensors").write_bytes(tiny_checkpoint_path("sd1").read_bytes())
+    proc, port, log = start_app(tmp_path)
+    try:
+        assert wait_for(port, proc, log).status_code == 200
+        text = log.read_text()
+        assert "aaa-broken.safetensors" in text and "Model ready: bbb-good.safetensors" in text
+    finally:
+        stop(proc)

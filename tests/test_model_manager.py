@@ -116,8 +116,11 @@ def test_vae_override_from_file_and_back(setup, tmp_path):
     save_file(vae_state, str(vae_dir / "other.vae.safetensors"))
     registry.refresh()
     own, _ = generate(manager.ensure("alpha.safetensors", "Automatic"), tmp_path)
-    swapped, _ = generate(manager.ensure("alpha.safetensors", "other.vae.safetensors"), tmp_path)
+    swapped_active = manager.ensure("alpha.safetensors", "other.vae.safetensors")
+    swapped, _ = generate(swapped_active, tmp_path)
     assert not np.array_equal(own, swapped)
+    # asking again for what is loaded loads nothing
+    assert manager.ensure("alpha.safetensors", "other.vae.safetensors") is swapped_active
     back, _ = generate(manager.ensure("alpha.safetensors", "None"), tmp_path)
     assert np.array_equal(own, back)
 

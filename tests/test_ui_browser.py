@@ -165,8 +165,10 @@ def wait_status(page, status: str, timeout: float = 30_000) -> str:
 
 
 def start_long_job(page, prompt: str) -> None:
-    # 150 steps x 20 images at 64x64: minutes of work, so it is surely still running when we look.
+    # 150 steps x 20 images at 256x256: about ten seconds an image on a CPU, so it is surely still running.
     small_job(page, prompt, steps=150, count=20)
+    set_number(page, "txt2img_width", 256)
+    set_number(page, "txt2img_height", 256)
     page.click("#txt2img_generate")
 
 
@@ -327,6 +329,10 @@ def test_interrupt_stops_a_long_job(page, server):
     start_long_job(page, "interrupt me")
     wait_status(page, "running")
     page.wait_for_selector("#txt2img_preview img")  # a live preview arrives while it runs
+    # Skip abandons the current image and goes on with the next one, long before its 150 steps are done.
+    page.click("#txt2img_skip")
+    page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('batch 2/20')",
+                           timeout=4_000)
     started = time.time()
     page.click("#txt2img_interrupt")
     status = wait_status(page, "done", timeout=15_000)

@@ -156,7 +156,8 @@ def test_settings_changes_are_validated_and_paths_locked_when_listening(tmp_path
     assert errors == [] and changes == {"eta_noise_seed_delta": 31337, "CLIP_stop_at_last_layers": 2,
                                         "outdir_txt2img_samples": "elsewhere", "emphasis": "No norm"}
     assert all(type(changes[k]) is int for k in ("eta_noise_seed_delta", "CLIP_stop_at_last_layers"))
-    changes, errors = compute_changes(opts, keys, [0, 13, "elsewhere", "Original"], listening=True)
+    changes, errors = compute_changes(opts, keys, [-5, 13, "elsewhere", "Original"], listening=True)
+    assert "Eta noise seed delta (ENSD): must be at least 0 (got -5)." in errors
     assert any("Clip skip" in e and "between 1 and 12" in e for e in errors)
     assert any("Output directory for txt2img images" in e and "locked" in e for e in errors)
 

@@ -23,7 +23,7 @@ from typing import Any
 import gradio as gr
 
 from modules.ui import paste as paste_mod
-from modules.ui.common import PRIVATE, TabHandle, UiShared, notice_html, owner_of, validation_message
+from modules.ui.common import PRIVATE, TabHandle, UiShared, notice_html, owner_of, toast, validation_message
 from modules.ui.extensions_tab import build_extensions_tab, connect_extensions
 from modules.ui.generation import (connect_generate, connect_paste, connect_seed_buttons, connect_styles, connect_swap,
                                    connect_token_counters)
@@ -146,10 +146,9 @@ def build_ui(app: Any) -> gr.Blocks:
         connect_extensions(app, extensions_tab)
 
         # Values that change while the server runs are read on each page load, in one request.
-        clip_skip = t2i.fields.get("clip_skip")
-        load_outputs = [qs.checkpoint, qs.vae, notice] + settings_tab.components + style_dropdowns
-        if clip_skip is not None:
-            load_outputs.append(clip_skip)
+        # The tabs' Clip skip starts at the setting's value (the request's clip_skip then overrides it per job).
+        clip_skips = [tab.fields["clip_skip"] for tab in shared.generation_tabs.values() if "clip_skip" in tab.fields]
+        load_outputs = [qs.checkpoint, qs.vae, notice] + settings_tab.components + style_dropdowns + clip_skips
 
         def on_load():
             values = [gr.Dropdown(choices=checkpoint_choices(app), value=current_checkpoint(app)),
@@ -157,8 +156,7 @@ def build_ui(app: Any) -> gr.Blocks:
             values += current_values(app, settings_tab.keys)
             names = shared.styles.names()
             values += [gr.Dropdown(choices=names) for _ in style_dropdowns]
-            if clip_skip is not None:
-                values.append(app.opts.get("CLIP_stop_at_last_layers"))
+            values += [app.opts.get("CLIP_stop_at_last_layers") for _ in clip_skips]
             return values
 
         demo.load(on_load, outputs=load_outputs, api_visibility=PRIVATE, show_progress="hidden")
@@ -212,7 +210,7 @@ def _connect_sends(app: Any, shared: UiShared, png: Any) -> None:
         def send_to_pnginfo(shown: Shown, selected: int):
             path = shown.path(selected)
             if path is None:
-                gr.Warning("Generate an image first (only saved images carry their parameters).")
+                toast("Generate an image first (only saved images carry their parameters).")
                 return gr.skip(), gr.skip()
             return path, gr.Tabs(selected="pnginfo")
 
@@ -232,7 +230,7 @@ def _connect_sends(app: Any, shared: UiShared, png: Any) -> None:
                 i = shown.at(selected)
                 path = shown.path(selected)
                 if i is None or path is None:
-                    gr.Warning("Generate an image first.")
+                    toast("Generate an image first.")
                     return [gr.skip()] * _n
                 out = _paste_into(app, shared, img2img, shown.infotexts[i], from_image=True)
                 out += [gr.Tabs(selected=img2img.tab_id), _image_value(_image, path)]

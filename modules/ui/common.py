@@ -51,9 +51,13 @@ def notice_html(text: str, kind: str = "info") -> str:
     return f"<div class='athanor-notice athanor-{kind}'>{html.escape(text)}</div>"
 
 
-def toast_error(message: str) -> None:
-    """Show an error toast without aborting the event (its outputs still update)."""
-    gr.Warning(message)
+def toast(message: str) -> None:
+    """A short-lived message for events with no place of their own to show it.
+
+    Errors that have a place on the page (the progress line, the notice under the quicksettings) go there instead:
+    Gradio's toasts sit in the top right corner, over the Generate button, for as long as they last.
+    """
+    gr.Warning(message, duration=4)
 
 
 @dataclass

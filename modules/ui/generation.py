@@ -6,6 +6,7 @@ Every control that maps to a GenerationRequest field is registered under that fi
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,9 +17,9 @@ from modules import samplers
 from modules.request import GenerationRequest
 from modules.ui import paste as paste_mod
 from modules.ui.common import (CLEAR_SYMBOL, PASTE_SYMBOL, PRIVATE, RANDOM_SYMBOL, REUSE_SYMBOL, SWAP_SYMBOL,
-                               UiShared, notice_html, owner_of, symbol_button, validation_message)
+                               UiShared, notice_html, owner_of, symbol_button, toast, validation_message)
 from modules.ui.results import ResultsPanel, Shown, generate_stream, own_job
-from modules.ui.styles import PromptStyle
+from modules.ui.styles import PromptStyle, apply_styles
 
 APPLY_STYLE_SYMBOL = "\u21b5"  # return arrow: "apply the styles into the prompt"
 EDIT_STYLE_SYMBOL = "\u270e"  # pencil
@@ -269,11 +270,9 @@ def connect_generate(app: Any, shared: UiShared, tab: GenerationTab,
         except ValidationError as exc:
             message = validation_message(exc)
             yield {panel.progress: notice_html(message, "error")}
-            gr.Warning(message)
             return
         except ValueError as exc:
             yield {panel.progress: notice_html(str(exc), "error")}
-            gr.Warning(str(exc))
             return
         yield from generate_stream(app, panel, req, owner_of(request))
 
@@ -329,18 +328,18 @@ def connect_token_counters(shared: UiShared, tab: GenerationTab) -> None:
     counter = shared.token_counter
 
     def count(text, steps_value, style_names, *, positive: bool):
+        # A1111 counts the prompt with the selected styles applied (its include_styles_into_token_counters).
         if style_names:
             try:
-                styles = [shared.styles.get(n) for n in style_names]
-                texts = [s.prompt if positive else s.negative_prompt for s in styles if s is not None]
-                from modules.ui.styles import apply_styles
+                chosen = [shared.styles.get(n) for n in style_names]
+                texts = [s.prompt if positive else s.negative_prompt for s in chosen if s is not None]
                 text = apply_styles(text or "", texts)
             except ValueError:
-                pass
+                pass  # an unreadable styles.csv: count the prompt alone
         try:
             value = counter(text or "", int(steps_value or 20), is_positive=positive)
         except Exception as exc:  # noqa: BLE001 - the counter must never break typing
-            return f"<span title='{exc}'>?/75</span>"
+            return f"<span title='{html.escape(str(exc), quote=True)}'>?/75</span>"
         return f"<span>{value}</span>"
 
     for box, html_out, positive in ((area.prompt, area.token_counter, True),
@@ -360,7 +359,7 @@ def connect_styles(shared: UiShared, tab: GenerationTab, all_dropdowns: Callable
         try:
             prompt, negative = db.apply(names or [], prompt or "", negative or "")
         except ValueError as exc:
-            gr.Warning(str(exc))
+            toast(str(exc))
             return gr.skip(), gr.skip(), gr.skip()
         return prompt, negative, []
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from modules.jobs import CANCELLED, FAILED, QUEUED, Job
 
-POLL_SECONDS = 0.1  # how often a running job is looked at; a message goes out only when something changed
+POLL_SECONDS = 0.05  # how often a running job is looked at; a message goes out only when something changed
 
 
 def progress_html(job: Job, position: int = 0, queued: int = 0) -> str:

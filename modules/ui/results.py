@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from modules.jobs import FAILED
 from modules.ui.common import PRIVATE, UiShared, notice_html, owner_of
 from modules.ui.progress import follow_job
 
@@ -171,9 +170,7 @@ def generate_stream(app: Any, panel: ResultsPanel, request: Any, owner: str) -> 
                         panel.selected: 0,
                         panel.info: info_html(shown, 0),
                         panel.download: gr.update(value=shown.path(0), interactive=shown.path(0) is not None)})
-        yield out
-        if job.status == FAILED:
-            gr.Warning(job.error or "Generation failed")
+        yield out  # a failure's message is in the progress line
         return
 
 

@@ -87,6 +87,20 @@ def coerce_ui_value(info: OptionInfo, value: Any) -> Any:
     return value
 
 
+def bounds_error(info: OptionInfo, value: Any) -> str:
+    """"must be at least 0" / "must be between 1 and 12" for a number out of the option's range, else ""."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    low, high = info.minimum, info.maximum
+    if (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            return f"must be between {low:g} and {high:g} (got {value:g})"
+        if low is not None:
+            return f"must be at least {low:g} (got {value:g})"
+        return f"must be at most {high:g} (got {value:g})"
+    return ""
+
+
 def compute_changes(opts: Any, keys: list[str], values: list[Any], *, listening: bool) -> tuple[dict, list[str]]:
     """(changes to apply, error sentences) for the values the Settings page holds."""
     options = all_options(opts)
@@ -97,6 +111,10 @@ def compute_changes(opts: Any, keys: list[str], values: list[Any], *, listening:
         if key in READ_ONLY:
             continue
         value = coerce_ui_value(info, value)
+        bound = bounds_error(info, value)
+        if bound:
+            errors.append(f"{info.label}: {bound}.")
+            continue
         try:
             coerced = opts.validate({key: value})[key]
         except ValueError as exc:
@@ -187,7 +205,6 @@ def connect_quicksettings(app: Any, qs: Quicksettings, notice: Any) -> None:
         except Exception as exc:  # noqa: BLE001 - any load failure: keep the previous model, say why
             log.warning("Switching to %s failed: %s", title, exc)
             message = f"Could not load {title}: {exc}. Still using {current_checkpoint(app)}."
-            gr.Warning(message)
             return gr.Dropdown(value=current_checkpoint(app)), notice_html(message, "error")
         return gr.Dropdown(value=current_checkpoint(app)), builtin_notice(app)
 
@@ -203,7 +220,6 @@ def connect_quicksettings(app: Any, qs: Quicksettings, notice: Any) -> None:
         except Exception as exc:  # noqa: BLE001 - a broken VAE file must not take the model down
             log.warning("Switching the VAE to %s failed: %s", name, exc)
             message = f"Could not load the VAE {name}: {exc}"
-            gr.Warning(message)
             return gr.Dropdown(value=app.opts.get("sd_vae")), notice_html(message, "error")
         return gr.skip(), builtin_notice(app)
 
