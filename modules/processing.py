@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from PIL import Image
 
-from modules import extra_networks, images, infotext, masking, rng, samplers
+from modules import extra_networks, images, infotext, masking, prompt_parser, rng, samplers
 from modules.conditioning import PromptEncoder, schedule_multicond, schedule_prompt
 from modules.hooks import BeforeImageSavedParams, BeforePromptParseParams, HookRegistry, ImageSavedParams
 from modules.request import GenerationRequest
@@ -202,6 +202,8 @@ def build_infotext(req: GenerationRequest, ctx: ProcessingContext, *, prompt: st
     emphasis = opts.get("emphasis", "Original")
     if emphasis != "Original" and ("(" in prompt or "[" in prompt):
         fields["Emphasis"] = emphasis
+    if opts.get("use_old_scheduling", False) and prompt_parser.scheduling_modes_differ([prompt], req.steps):
+        fields["Old prompt editing timelines"] = True
     fields.update(extra_late or {})
     if opts.get("add_version_to_infotext", True):
         fields["Version"] = VERSION

@@ -146,3 +146,14 @@ def test_interrupt_keeps_partial_batch(model, tmp_path):
     assert result.interrupted
     assert len(result.images) == 1  # the first batch stopped at step 2; batches 2 and 3 never ran
     assert calls == [2]
+
+
+def test_old_prompt_editing_timelines_noted_when_they_differ(model, tmp_path):
+    # "[a:b:2]" with old scheduling: 2 >= 1 is a step number in both modes -> same schedule, no field
+    same = run(model, tmp_path, {"use_old_scheduling": True}, prompt="[cat:dog:2]", save_images=False)
+    assert "Old prompt editing timelines" not in same.infotexts[0]
+    # "0.5" is a fraction in both, but "1.0" is step 1 in old mode and all steps in new mode
+    differ = run(model, tmp_path, {"use_old_scheduling": True}, prompt="[cat:dog:1.0]", save_images=False)
+    assert "Old prompt editing timelines: True" in differ.infotexts[0]
+    new_mode = run(model, tmp_path, prompt="[cat:dog:1.0]", save_images=False)
+    assert "Old prompt editing timelines" not in new_mode.infotexts[0]
