@@ -23,7 +23,9 @@ import configparser
 import html
 import importlib.util
 import logging
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -590,6 +592,40 @@ class ExtensionManager:
         self.opts.set(DISABLED_OPTION, disabled)
         info.enabled = enabled
         return info
+
+    def install_from_url(self, url: str, *, listening: bool = False, timeout: float = 300) -> str:
+        """`git clone` an extension into the user extensions folder; returns its folder name.
+
+        Never while the server listens on the network. The new extension starts disabled: its
+        install.py runs only when the user enables it from the console (`--enable-extension NAME`).
+        """
+        if listening:
+            raise PermissionError("Installing extensions is disabled while the server listens on the network")
+        url = (url or "").strip()
+        if not url or url.startswith("-") or any(c in url for c in "\n\r\0"):
+            raise ValueError("Give the URL of the extension's git repository")
+        name = re.sub(r"\.git$", "", url.rstrip("/").replace("\\", "/").split("/")[-1].split(":")[-1])
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
+            raise ValueError(f"Cannot tell an extension name from {url!r}")
+        root = self.user_dir or self.builtin_dir
+        target = root / name
+        if target.exists():
+            raise ValueError(f"An extension folder named {name!r} already exists in {root}")
+        root.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+        try:
+            done = subprocess.run(["git", "clone", "--depth", "1", "--", url, str(target)], capture_output=True,
+                                  text=True, timeout=timeout, env=env)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise ValueError(f"git clone failed: {exc}") from None
+        if done.returncode != 0:
+            shutil.rmtree(target, ignore_errors=True)
+            raise ValueError(f"git clone failed: {done.stderr.strip() or done.returncode}")
+        info = read_extension(target, False)
+        self.opts.set(DISABLED_OPTION, [n for n in self.disabled_names() if n != info.name] + [info.name])
+        log.info("Installed extension %s from %s (disabled until enabled from the console)", info.name, url)
+        return info.name
 
     @staticmethod
     def run_install(info: ExtensionInfo, timeout: float = 1800) -> int:

@@ -299,3 +299,32 @@ def test_example_extension_through_a_live_server(tmp_path):
         assert not (target / "installed.txt").exists()  # install.py never runs while serving
     finally:
         stop(proc)
+
+
+def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path):
+    # A local git repository stands in for a remote one (no network in tests).
+    source = tmp_path / "src" / "my-ext"
+    (source / "scripts").mkdir(parents=True)
+    (source / "scripts" / "hello.py").write_text("def setup(api):\n    pass\n")
+    (source / "install.py").write_text("raise SystemExit(3)\n")
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q", str(source)], check=True)
+    subprocess.run(git + ["-C", str(source), "add", "-A"], check=True)
+    subprocess.run(git + ["-C", str(source), "commit", "-qm", "init"], check=True)
+
+    user_dir = tmp_path / "extensions"
+    manager = manager_for(user_dir)
+    with pytest.raises(PermissionError):
+        manager.install_from_url(str(source), listening=True)
+    assert not (user_dir / "my-ext").exists()
+
+    name = manager.install_from_url(str(source))
+    assert name == "my-ext" and (user_dir / "my-ext" / "scripts" / "hello.py").is_file()
+    assert "my-ext" in manager.disabled_names()  # install.py has not run: enabling is a console step
+    with pytest.raises(ValueError, match="already exists"):
+        manager.install_from_url(str(source))
+    with pytest.raises(ValueError, match="git clone failed"):
+        manager.install_from_url(str(tmp_path / "no-such-repo"))
+    assert not (user_dir / "no-such-repo").exists()
+    with pytest.raises(ValueError):
+        manager.install_from_url("--upload-pack=touch /tmp/x")

@@ -168,11 +168,12 @@ def connect_extensions(app: Any, tab: ExtensionsTab) -> None:
         if not callable(getattr(loader, "install_from_url", None)):
             return notice_html("Installing from a URL is not available in this build.", "error"), gr.skip()
         try:
-            name = loader.install_from_url((url or "").strip())
+            name = loader.install_from_url((url or "").strip(), listening=listening)
         except Exception as exc:  # noqa: BLE001
             return notice_html(f"Could not install: {exc}", "error"), gr.skip()
         rows, from_loader = installed_extensions(app)
-        return (notice_html(f"Installed {name}. Restart Athanor to load it.", "info"),
+        return (notice_html(f"Installed {name} (disabled). To run its installer and enable it, stop Athanor and run "
+                            f"<code>python app.py --enable-extension {name}</code>, then start it again.", "info"),
                 extensions_table(rows, from_loader))
 
     tab.install.click(on_install, inputs=[tab.install_url], outputs=[tab.result, tab.table], api_visibility=PRIVATE)
