@@ -217,7 +217,7 @@ class App:
         return self.queue.submit(request, owner)
 
     def _run_job(self, job):
-        from modules.processing import ProcessingContext, process_img2img, process_txt2img
+        from modules.processing import ProcessingContext, process
 
         req = job.request
         overrides = dict(req.override_settings)
@@ -240,7 +240,7 @@ class App:
 
             def generate():
                 request = session.job.request  # scripts may have changed it
-                return (process_img2img if request.kind == "img2img" else process_txt2img)(request, ctx)
+                return process(request, ctx)  # txt2img or img2img, by request.kind
 
             with session:
                 return session.run(generate)
