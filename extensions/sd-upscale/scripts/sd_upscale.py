@@ -1,0 +1,9 @@
+"""SD upscale (A1111's img2img script): registered with the outputs folder so its results can be saved."""
+from __future__ import annotations
+
+from .. import upscale_script
+
+
+def setup(api) -> None:
+    outputs = getattr(api.paths, "outputs_dir", None) if api.paths is not None else None
+    api.register_script(upscale_script.SdUpscale(outputs_dir=outputs))
