@@ -21,6 +21,7 @@ How many steps run (A1111's `setup_img2img_steps`, see `img2img_plan`):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,7 @@ def build_infotext(req: GenerationRequest, ctx: ProcessingContext, *, prompt: st
         "Clip skip": clip_skip if clip_skip > 1 else None,
         "ENSD": ensd if ensd != 0 and sampler.uses_ensd else None,
         "RNG": opts.get("randn_source") if opts.get("randn_source", "GPU") != "GPU" else None,
+        "Tiling": True if req.tiling else None,
     }
     fields.update(extra or {})
     fields.update(ctx.extra_generation_params)
@@ -923,7 +925,29 @@ def process_img2img(req: GenerationRequest, ctx: ProcessingContext) -> Generatio
 
 def process(req: GenerationRequest, ctx: ProcessingContext) -> GenerationResult:
     """Run a request of either kind."""
-    return process_img2img(req, ctx) if req.kind == "img2img" else process_txt2img(req, ctx)
+    with circular_padding(ctx.model, req.tiling):
+        return process_img2img(req, ctx) if req.kind == "img2img" else process_txt2img(req, ctx)
+
+
+@contextlib.contextmanager
+def circular_padding(model, enabled: bool):
+    """Tiling (A1111): every Conv2d of the UNet and VAE pads by wrapping around, for seamless textures.
+
+    Conv2d keeps its padding amounts whatever the mode, so switching `padding_mode` for the job and
+    back afterwards is enough; the weights are untouched.
+    """
+    if not enabled:
+        yield
+        return
+    convs = [m for part in (model.unet, model.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+    saved = [(conv, conv.padding_mode) for conv in convs]
+    for conv in convs:
+        conv.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for conv, mode in saved:
+            conv.padding_mode = mode
 
 
 def info_dict(req: GenerationRequest, ctx: ProcessingContext, result: GenerationResult,

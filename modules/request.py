@@ -47,6 +47,7 @@ class GenerationRequest(BaseModel):
     height: int = Field(512, ge=8, le=16384)
     batch_size: int = Field(1, ge=1, le=64)
     n_iter: int = Field(1, ge=1, le=1000)
+    tiling: bool = False  # seamless textures: the UNet's and VAE's convolutions wrap around the edges
     clip_skip: int | None = Field(None, ge=1, le=12)
     eta: float | None = Field(None, ge=0.0, le=1.0)
 

@@ -157,3 +157,25 @@ def test_old_prompt_editing_timelines_noted_when_they_differ(model, tmp_path):
     assert "Old prompt editing timelines: True" in differ.infotexts[0]
     new_mode = run(model, tmp_path, prompt="[cat:dog:1.0]", save_images=False)
     assert "Old prompt editing timelines" not in new_mode.infotexts[0]
+
+
+def test_tiling_wraps_convolutions_for_the_job_only(model, tmp_path):
+    from modules.processing import circular_padding, process
+
+    plain = run(model, tmp_path, save_images=False)
+    opts = Options(None).snapshot({})
+    ctx = ProcessingContext(model=model, model_ref=ModelRef("tiny", None), opts=opts, device=torch.device("cpu"),
+                            dtype=torch.float32, outputs_dir=tmp_path)
+    req = GenerationRequest(prompt="a red cat", negative_prompt="blurry", width=64, height=64, steps=4, seed=1234,
+                            sampler_name="Euler", tiling=True, save_images=False)
+    tiled = process(req, ctx)
+    assert "Tiling: True" in tiled.infotexts[0] and "Tiling" not in plain.infotexts[0]
+    assert not np.array_equal(pixels(tiled.images[0]), pixels(plain.images[0]))
+    convs = [m for m in model.vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.padding_mode == "zeros" for m in convs)  # restored after the job
+    # Seamless: with wrap-around padding, shifting the latent by one shifts the decoded image by 8 pixels.
+    z = torch.randn(1, 4, 8, 8)
+    with circular_padding(model, True), torch.no_grad():
+        a = model.vae.decode(z).sample
+        b = model.vae.decode(torch.roll(z, 1, dims=3)).sample
+    assert torch.allclose(torch.roll(a, 8, dims=3), b, atol=1e-4)
