@@ -48,6 +48,18 @@ def write_reference_files(folder):
     (folder / "sub").mkdir(exist_ok=True)
     save_file({"emb_params": vectors(1, seed=8)}, str(folder / "sub" / "nested.safetensors"))
     (folder / "broken.pt").write_bytes(b"not a torch file at all")
+    # A1111's "save images with embedding in PNG chunks": base64 JSON in the sd-ti-embedding chunk; the
+    # embedding's name comes from the data, not the file name
+    from PIL import Image, PngImagePlugin
+    chunk = builtin_module("textual-inversion", "ti_embeddings").embedding_to_png_chunk(
+        {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors(2, seed=9)}, "name": "png-style",
+         "step": 100, "sd_checkpoint": None, "sd_checkpoint_name": None})
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sd-ti-embedding", chunk)
+    Image.new("RGB", (32, 32), "gray").save(folder / "my-picture.png", pnginfo=info)
+    # preview pictures beside embeddings are not embeddings (and not errors)
+    Image.new("RGB", (8, 8)).save(folder / "concept.preview.png")
+    Image.new("RGB", (8, 8)).save(folder / "just-a-picture.png")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +99,8 @@ def test_reads_every_a1111_layout_and_lists_what_does_not_fit(ti_hooks, sd1):
     assert "kohyaemb" in data["loaded"]
     ti = hooks.provide("textual-inversion")
     data = ti.db.api_data(sd1)
-    assert set(data["loaded"]) == {"a1111-style", "old-format", "concept", "kohyaemb", "nested"}
+    assert set(data["loaded"]) == {"a1111-style", "old-format", "concept", "kohyaemb", "nested", "png-style"}
+    assert data["loaded"]["png-style"]["vectors"] == 2 and data["loaded"]["png-style"]["step"] == 100
     assert set(data["skipped"]) == {"xl-style", "too-wide"}
     assert data["loaded"]["a1111-style"] == {"step": 500, "sd_checkpoint": "abcdef01",
                                              "sd_checkpoint_name": "some-model", "shape": WIDTH, "vectors": 3}

@@ -10,6 +10,8 @@ An embedding's name is its file name without the extension; the prompt uses it a
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import threading
@@ -23,7 +25,12 @@ from modules.conditioning import EmbeddingVectors
 
 log = logging.getLogger("athanor.ext.textual-inversion")
 
-SUFFIXES = (".pt", ".bin", ".safetensors")
+SUFFIXES = (".pt", ".bin", ".safetensors", ".png")
+PNG_CHUNK = "sd-ti-embedding"  # A1111 stores an embedding in a PNG as base64 JSON in this text chunk
+
+
+class NotAnEmbedding(Exception):
+    """An image in the embeddings folder that carries no embedding (a preview picture): skipped quietly."""
 
 
 @dataclass
@@ -128,7 +135,45 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _decode_tensors(obj: dict) -> Any:
+    if "TORCHTENSOR" in obj:
+        return torch.tensor(obj["TORCHTENSOR"], dtype=torch.float32)
+    return obj
+
+
+def read_png_embedding(path: Path) -> Mapping[str, Any]:
+    """The embedding dict A1111 wrote into a PNG's `sd-ti-embedding` chunk (tensors as {"TORCHTENSOR": [...]})."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get(PNG_CHUNK)
+    if not text:
+        raise NotAnEmbedding(path.name)
+    try:
+        data = json.loads(base64.b64decode(text), object_hook=_decode_tensors)
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: its {PNG_CHUNK} chunk is not valid embedding data ({exc})") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path.name}: its {PNG_CHUNK} chunk does not hold a dict")
+    return data
+
+
+def embedding_to_png_chunk(data: Mapping[str, Any]) -> str:
+    """The `sd-ti-embedding` chunk text for an embedding dict (A1111's writer, for round trips and tests)."""
+    def encode(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {"TORCHTENSOR": value.detach().cpu().tolist()}
+        if isinstance(value, Mapping):
+            return {k: encode(v) for k, v in value.items()}
+        return value
+    return base64.b64encode(json.dumps(encode(data)).encode()).decode()
+
+
 def load_embedding(path: Path) -> Embedding:
+    if path.suffix.lower() == ".png":
+        data = read_png_embedding(path)
+        name = data.get("name") if isinstance(data.get("name"), str) else path.stem
+        return parse_embedding(data, name, path)
     return parse_embedding(read_embedding_data(path), path.stem, path)
 
 
@@ -142,7 +187,8 @@ def embedding_files(folders: Sequence[Path]) -> list[Path]:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in sorted(files):
                 path = Path(root) / file
-                if file.startswith(".") or path.suffix.lower() not in SUFFIXES:
+                if (file.startswith(".") or path.suffix.lower() not in SUFFIXES
+                        or file.lower().endswith(".preview.png")):
                     continue
                 try:
                     if path.stat().st_size == 0:
@@ -205,6 +251,8 @@ class EmbeddingDatabase:
             try:
                 self._files[path] = (mtime, size, load_embedding(path))
                 self._errors.pop(str(path), None)
+            except NotAnEmbedding:
+                self._files.pop(path, None)
             except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
                 self._files.pop(path, None)
                 if self._errors.get(str(path)) != str(exc):
