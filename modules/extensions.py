@@ -54,7 +54,7 @@ from modules.scripts import Script, ScriptRegistry
 log = logging.getLogger("athanor.extensions")
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "extensions"
-BUILTIN_EXTENSIONS = ("textual-inversion", "hypernetworks", "lora", "sd-upscale")
+BUILTIN_EXTENSIONS = ("textual-inversion", "hypernetworks", "lora", "sd-upscale", "xyz-grid")
 PACKAGE_ROOT = "athanor_extensions"  # extension modules live under this name in sys.modules
 DISABLED_OPTION = "disabled_extensions"
 
