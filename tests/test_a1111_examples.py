@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 
 import pytest
 import requests
 from PIL import Image, ImageDraw
 
-from tests.test_app_start import start_app, stop, wait_for
-from tests.tiny_checkpoints import tiny_checkpoint_path
+from tests.test_app_start import tiny_api_server
 
 
 def png_data_url(image: Image.Image) -> str:
@@ -22,16 +20,8 @@ def png_data_url(image: Image.Image) -> str:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("a1111-examples")
-    models = data_dir / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    shutil.copy(tiny_checkpoint_path("sd1", 0), models / "tiny.safetensors")
-    proc, port, log = start_app(data_dir, "--api")
-    try:
-        wait_for(port, proc, log, path="/sdapi/v1/samplers", timeout=180)
-        yield f"http://127.0.0.1:{port}/sdapi/v1"
-    finally:
-        stop(proc)
+    with tiny_api_server(tmp_path_factory.mktemp("a1111-examples")) as url:
+        yield url
 
 
 TXT2IMG = {

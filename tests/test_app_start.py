@@ -1,7 +1,9 @@
 """The app as a user starts it: a real process on loopback, no checkpoint present."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +41,22 @@ def wait_for(port: int, proc: subprocess.Popen, log: Path, path: str = "/", time
         except requests.ConnectionError:
             time.sleep(0.5)
     raise AssertionError(f"app did not answer within {timeout}s:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def tiny_api_server(data_dir: Path, *extra: str):
+    """app.py with --api on a data dir holding one tiny SD1 checkpoint; yields the /sdapi/v1 base URL."""
+    from tests.tiny_checkpoints import tiny_checkpoint_path
+
+    models = data_dir / "models" / "Stable-diffusion"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_checkpoint_path("sd1", 0), models / "tiny.safetensors")
+    proc, port, log = start_app(data_dir, "--api", *extra)
+    try:
+        wait_for(port, proc, log, path="/sdapi/v1/samplers", timeout=180)
+        yield f"http://127.0.0.1:{port}/sdapi/v1"
+    finally:
+        stop(proc)
 
 
 def stop(proc: subprocess.Popen) -> None:

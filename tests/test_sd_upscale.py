@@ -3,7 +3,6 @@ payload through app.py started as a real process with --api on a tiny SD1 checkp
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ from PIL import Image
 
 from modules.images import decode_image_base64, encode_image_base64
 from tests.extension_helpers import builtin_module, generate, make_app
-from tests.test_app_start import start_app, stop, wait_for
-from tests.tiny_checkpoints import tiny_checkpoint_path
+from tests.test_app_start import tiny_api_server
 
 tiling = builtin_module("sd-upscale", "tiling")
 
@@ -84,16 +82,8 @@ def test_upscalers_and_their_names():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("sd-upscale")
-    models = data_dir / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    shutil.copy(tiny_checkpoint_path("sd1", 0), models / "tiny.safetensors")
-    proc, port, log = start_app(data_dir, "--api")
-    try:
-        wait_for(port, proc, log, path="/sdapi/v1/samplers", timeout=180)
-        yield f"http://127.0.0.1:{port}/sdapi/v1"
-    finally:
-        stop(proc)
+    with tiny_api_server(tmp_path_factory.mktemp("sd-upscale")) as url:
+        yield url
 
 
 def img2img(base: str, **fields) -> requests.Response:
