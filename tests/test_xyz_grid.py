@@ -72,3 +72,22 @@ def test_prompt_search_and_replace(app):
 def test_unknown_axis_type_is_refused(app):
     job = submit(app, prompt="x", script_name="X/Y/Z plot", script_args={"x_type": "Bogus", "x_values": "1"})
     assert job.status != DONE and "X axis type 'Bogus' is not available" in str(job.error)
+
+
+def test_grid_and_cells_are_saved_when_the_request_saves(app):
+    outputs = app.paths.outputs_dir
+    before = set(outputs.rglob("*.png"))
+    result = generate(app, prompt="a blue cube", save_images=True, script_name="X/Y/Z plot",
+                      script_args={"x_type": "Steps", "x_values": "1-2"})
+    new = set(outputs.rglob("*.png")) - before
+    grids = [p for p in new if p.parent.parent.name == "txt2img-grids"]
+    cells = [p for p in new if p.parent.parent.name == "txt2img-images"]
+    assert len(grids) == 1 and len(cells) == 2
+    assert result.grid_path == str(grids[0])
+    from PIL import Image
+    with Image.open(grids[0]) as saved:
+        assert saved.info["parameters"] == result.infotexts[0]
+    before = set(outputs.rglob("*.png"))
+    generate(app, prompt="a blue cube", save_images=False, script_name="X/Y/Z plot",
+             script_args={"x_type": "Steps", "x_values": "1-2"})
+    assert set(outputs.rglob("*.png")) == before

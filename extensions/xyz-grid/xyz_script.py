@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -39,6 +40,9 @@ def _fix_seeds(axis_type: axes.AxisType, values: list[Any]) -> list[Any]:
 
 class XyzPlot(Script):
     """One generation per combination of up to three axes, drawn as a grid."""
+
+    def __init__(self, outputs_dir: str | Path | None = None) -> None:
+        self.outputs_dir = outputs_dir  # where the grid is saved (None: never)
 
     def title(self) -> str:
         return "X/Y/Z plot"
@@ -87,12 +91,20 @@ class XyzPlot(Script):
                 interrupted = True
                 break
         p.request = base
-        return self._result(base, types, values, results, interrupted, bool(draw_legend),
-                            bool(include_lone_images), bool(include_sub_grids), int(margin_size))
+        result = self._result(base, types, values, results, interrupted, bool(draw_legend),
+                              bool(include_lone_images), bool(include_sub_grids), int(margin_size))
+        opts = p.opts
+        if (self.outputs_dir is not None and result.images and base.save_images
+                and opts.get("grid_save", True)):
+            folder = images.date_folder(self.outputs_dir, f"{base.kind}-grids")
+            text = result.infotexts[0] if opts.get("enable_pnginfo", True) else None
+            result.grid_path = str(images.save_grid(result.images[0], folder, infotext=text))
+        return result
 
     @staticmethod
     def _cell_request(base, types: list[axes.AxisType], values: list[list[Any]], cell: tuple[Any, Any, Any]):
-        request = base.model_copy(update=dict(save_images=False, save_grid=False))
+        # cells are saved like any image when the request saves (A1111 does); the plot's grid is saved once below
+        request = base.model_copy(update=dict(save_grid=False))
         fields: dict[str, Any] = {"prompt": base.prompt, "negative_prompt": base.negative_prompt}
         for axis_type, axis_values, value in zip(types, values, cell):
             if axis_type.label == "Prompt S/R":
