@@ -275,10 +275,6 @@ def _time_ids(width: int, height: int, batch: int) -> torch.Tensor:
     return ids.unsqueeze(0).repeat(batch, 1)
 
 
-def sdxl_time_ids(req: GenerationRequest, batch: int) -> torch.Tensor:
-    return _time_ids(req.width, req.height, batch)
-
-
 # -- image conditioning for 9-channel (inpainting) UNets -----------------------------------------
 
 def txt2img_image_conditioning(model, batch: int, height: int, width: int, device: torch.device,
