@@ -155,8 +155,8 @@ class App:
         extra = None
         if self.args.ckpt and Path(self.args.ckpt).is_file():
             extra = Path(self.args.ckpt).resolve()
-        self.registry = ModelRegistry(self.paths.ckpt_dir, self.paths.vae_dir,
-                                      HashCache(self.paths.cache_dir / "hashes.json"),
+        self.hash_cache = HashCache(self.paths.cache_dir / "hashes.json")  # checkpoints, VAEs, LoRA, embeddings
+        self.registry = ModelRegistry(self.paths.ckpt_dir, self.paths.vae_dir, self.hash_cache,
                                       extra_checkpoint=extra, hashing=not self.args.no_hashing)
         self.registry.refresh()
         self.notices: list[str] = []
@@ -170,13 +170,12 @@ class App:
     def _load_extensions(self) -> None:
         """Extensions (built-in `extensions/` and DATA_DIR/extensions) register their hooks, scripts and settings."""
         from modules.extensions import ExtensionManager
-        from modules.model_registry import HashCache
         from modules.scripts import ScriptRegistry
 
         self.scripts = ScriptRegistry()
         self.extensions = ExtensionManager(
             hooks=self.hooks, scripts=self.scripts, opts=self.opts, paths=self.paths,
-            user_dir=self.paths.data_dir / "extensions", hash_cache=HashCache(self.paths.cache_dir / "hashes.json"),
+            user_dir=self.paths.data_dir / "extensions", hash_cache=self.hash_cache,
             hashing=not self.args.no_hashing, disable_all=getattr(self.args, "disable_all_extensions", False),
             disable_extra=getattr(self.args, "disable_extra_extensions", False))
         self.extensions.load_all()
