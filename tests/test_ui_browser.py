@@ -5,20 +5,17 @@ every tab, light, dark and at phone width, are written to tests/artifacts/ for p
 """
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import requests
 from PIL import Image
 
 from modules import infotext
+from tests.test_app_start import start_app, stop, wait_for
 from tests.tiny_checkpoints import tiny_checkpoint_path
 
 CHROMIUM = "/usr/bin/chromium"
@@ -35,26 +32,6 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 
 # -- the server ------------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"app exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"app did not answer within {timeout}s:\n{log.read_text()}")
-
 
 class Server:
     def __init__(self, data_dir: Path, port: int, proc: subprocess.Popen, log: Path):
@@ -74,20 +51,12 @@ def server(tmp_path_factory):
     (ckpt_dir / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      not a model")
     (data / "styles.csv").write_text(f'name,prompt,negative_prompt\n{STYLE_NAME},"{STYLE_PROMPT}",{STYLE_NEGATIVE}\n',
                                      encoding="utf-8")
-    port = _free_port()
-    log = data / "app.log"
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--data-dir", str(data), "--port", str(port),
-                             "--ckpt", "tiny.safetensors"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=data, env=dict(os.environ))
+    proc, port, log = start_app(data, "--ckpt", "tiny.safetensors")
     try:
-        _wait_for(f"http://127.0.0.1:{port}/", proc, log)
+        wait_for(port, proc, log)
         yield Server(data, port, proc, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
