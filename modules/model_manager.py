@@ -16,7 +16,6 @@ from modules import model_families, model_loader, tiny_models
 from modules.devices import DeviceConfig, torch_gc
 from modules.hooks import HookRegistry, ModelLoadedParams
 from modules.model_registry import CheckpointInfo, ModelRegistry
-from modules.processing import ModelRef
 
 log = logging.getLogger("athanor.models")
 
@@ -25,6 +24,15 @@ BUILTIN_NOTICE = ("No checkpoint found: running the built-in tiny model with ran
                   "interface only (its images are noise). Put a Stable Diffusion checkpoint (.safetensors) "
                   "in {folder} and refresh or restart.")
 VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a generation needs to know about the loaded checkpoint for its infotext."""
+
+    name: str  # A1111's model_name (file stem)
+    shorthash: str | None  # 10 hex chars, or None when hashing is off / built-in model
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)

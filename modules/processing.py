@@ -36,6 +36,7 @@ from PIL import Image
 from modules import extra_networks, images, infotext, masking, prompt_parser, rng, samplers
 from modules.conditioning import PromptEncoder, schedule_multicond, schedule_prompt
 from modules.hooks import BeforeImageSavedParams, BeforePromptParseParams, HookRegistry, ImageSavedParams
+from modules.model_manager import ModelRef
 from modules.request import GenerationRequest
 from modules.sampling import CFGDenoiser, JobControl, latent_preview_cheap, run_sampler
 
@@ -43,15 +44,6 @@ log = logging.getLogger("athanor.processing")
 
 VERSION = "athanor-0.1.0"
 LATENT_FACTOR = 8  # pixels per latent cell
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What processing needs to know about the loaded checkpoint for infotext."""
-
-    name: str  # A1111's model_name (file stem)
-    shorthash: str | None  # 10 hex chars, or None when hashing is off / built-in model
-    sha256: str | None = None
 
 
 @dataclass
