@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated origins (https://host:port) other web pages may call the API from; "
                           "default none")
     net.add_argument("--cors-allow-origins-regex", default=None, help="regular expression of such origins")
+    net.add_argument("--allowed-hosts", default=None,
+                     help="comma-separated host names (or addresses) this server may be reached under, besides "
+                          "localhost/127.0.0.1 and, with --listen, this machine's own names and addresses; "
+                          "'.example.com' allows its sub-domains; requests for any other Host get 403 "
+                          "(protection against DNS rebinding)")
+    net.add_argument("--forwarded-allow-ips", default=None,
+                     help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-Host/"
+                          "-Proto/-For headers are trusted; default none (the headers are ignored)")
     lim = p.add_argument_group("request limits (API and queue)")
     lim.add_argument("--max-steps", type=int, default=150, help="most sampling steps one image may ask for")
     lim.add_argument("--max-images", type=int, default=100, help="most images (batch size x batch count) per request")
@@ -287,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         logins = parse_logins(args.auth, args.auth_file)
         from modules.auth import auth_config_from_args, check_tls_args
 
+        from modules.auth import HostPolicy
+
         auth_config_from_args(args, logins)  # --admin-users must name logins
+        HostPolicy.from_args(args)  # --allowed-hosts and --forwarded-allow-ips must parse
         check_tls_args(args)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -311,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     scheme = "https" if args.tls_certfile else "http"
     print(f"Athanor running on {scheme}://{'127.0.0.1' if not args.listen else host}:{args.port}", flush=True)
     try:
-        uvicorn.run(server, host=host, port=args.port, log_level="warning",
+        # X-Forwarded-* are judged by our own middleware (--forwarded-allow-ips); uvicorn's proxy handling would
+        # trust 127.0.0.1, i.e. any page in a local browser
+        uvicorn.run(server, host=host, port=args.port, log_level="warning", proxy_headers=False,
                     ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile)
     finally:
         outcome = app.queue.shutdown(wait=10)

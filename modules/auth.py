@@ -6,9 +6,16 @@
 - The Gradio page keeps its own login form (the same check, passed to `mount_gradio_app(auth=...)`).
   Gradio leaves some of its routes open (heartbeat, cancel, stream, ...); the middleware closes them:
   everything but the login page and its static files needs the Gradio session cookie or Basic.
-- Mutating requests (POST, PUT, PATCH, DELETE) that carry an `Origin` header must come from the same
-  host (or an origin allowed with `--cors-allow-origins`): cross-site requests get 403, with or
-  without logins, so a web page cannot drive a local instance either.
+- Every request's `Host` must name this server: a loopback name or address, a name given with
+  `--allowed-hosts`, or (with `--listen`) one of the machine's own names and addresses. Anything else
+  gets 403 before any route, page or Gradio internal runs: that is what stops DNS rebinding, where a web
+  page makes its own domain resolve to 127.0.0.1 and so becomes "same origin" with a local server.
+- `X-Forwarded-Host`, `-Proto` and `-For` are honoured only from the proxies named with
+  `--forwarded-allow-ips`, and then must name an allowed host too; from anyone else they are removed
+  before Gradio or a route can read them.
+- Mutating requests (POST, PUT, PATCH, DELETE) and WebSocket upgrades that carry an `Origin` header must
+  come from the allowed host they address (or an origin allowed with `--cors-allow-origins`): cross-site
+  requests get 403, with or without logins, so a web page cannot drive a local instance either.
 - Admins (`--admin-users a,b`, names from the logins) may see and cancel every user's jobs and are
   the only ones who may change settings once at least one admin is named.
 
@@ -20,13 +27,17 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
+
+log = logging.getLogger("athanor.auth")
 
 LOCAL_OWNER = "local"  # the owner of every job when no logins are configured
 USER_STATE_KEY = "athanor_user"  # where the middleware leaves the authenticated user name in scope["state"]
@@ -180,6 +191,157 @@ def gradio_session_user(server: Any, cookies: Mapping[str, str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Which Host names this server answers to (DNS rebinding), and which peers may forward
+
+def split_host(netloc: str) -> str:
+    """`Host` header or URL netloc -> the bare lower-case name or address: "[::1]:7860" -> "::1"."""
+    netloc = (netloc or "").strip().lower().rstrip(".")
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        return netloc[1:end] if end > 0 else netloc
+    if netloc.count(":") > 1:  # a bare IPv6 address without brackets
+        return netloc
+    name = netloc.partition(":")[0]
+    return name.rstrip(".")
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name.split("%")[0])
+    except ValueError:
+        return None
+
+
+def is_loopback_host(name: str) -> bool:
+    """localhost, *.localhost (browsers resolve those to loopback themselves), 127.0.0.0/8, ::1."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    address = _ip(name)
+    if address is None:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def machine_hosts() -> set[str]:
+    """This machine's own names and interface addresses (what LAN users type to reach it with --listen).
+    Read locally: no DNS lookup is made."""
+    import socket
+
+    names: set[str] = set()
+    try:
+        hostname = socket.gethostname().lower()
+        if hostname:
+            names |= {hostname, hostname.split(".")[0]}
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        for addresses in psutil.net_if_addrs().values():
+            for entry in addresses:
+                if entry.family in (socket.AF_INET, socket.AF_INET6) and entry.address:
+                    names.add(entry.address.split("%")[0].lower())
+    except Exception:  # noqa: BLE001 - without psutil only the names and loopback are allowed
+        pass
+    return names
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """The Host names allowed (`--allowed-hosts`, with `--listen` the machine's own) and the proxies trusted
+    with X-Forwarded-* headers (`--forwarded-allow-ips`)."""
+
+    names: frozenset[str] = frozenset()  # exact names/addresses, lower case, no port
+    suffixes: tuple[str, ...] = ()  # ".example.com" allows every sub-domain of example.com and itself
+    any_host: bool = False  # --allowed-hosts '*': no Host check (only behind a proxy that checks it)
+    proxies: tuple[Any, ...] = ()  # ip networks
+    any_proxy: bool = False
+
+    def allows(self, host_header: str | None) -> bool:
+        if host_header is None:
+            return True  # HTTP/1.0 clients may omit it; browsers never do, so rebinding cannot
+        if self.any_host:
+            return True
+        name = split_host(host_header)
+        if not name:
+            return False
+        if is_loopback_host(name) or name in self.names:
+            return True
+        address = _ip(name)
+        if address is not None:
+            return str(address) in self.names
+        return any(name == suffix[1:] or name.endswith(suffix) for suffix in self.suffixes)
+
+    def trusts(self, peer: str | None) -> bool:
+        if self.any_proxy:
+            return True
+        address = _ip(peer or "")
+        return address is not None and any(address in network for network in self.proxies)
+
+    @classmethod
+    def from_args(cls, args: Any) -> "HostPolicy":
+        """ValueError naming the flag for a malformed entry."""
+        names: set[str] = set()
+        suffixes: list[str] = []
+        any_host = False
+        for item in (getattr(args, "allowed_hosts", None) or "").split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            if item == "*":
+                any_host = True
+            elif item.startswith("."):
+                suffixes.append(item.rstrip("."))
+            else:
+                name = split_host(item)
+                if not name or "/" in name or " " in name:
+                    raise ValueError(f"--allowed-hosts: {item!r} is not a host name or address")
+                address = _ip(name)
+                names.add(str(address) if address is not None else name)
+        if getattr(args, "listen", False):
+            names |= machine_hosts()
+        proxies: list[Any] = []
+        any_proxy = False
+        for item in (getattr(args, "forwarded_allow_ips", None) or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item == "*":
+                any_proxy = True
+                continue
+            try:
+                proxies.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"--forwarded-allow-ips: {item!r} is not an IP address or network") from None
+        return cls(frozenset(names), tuple(suffixes), any_host, tuple(proxies), any_proxy)
+
+
+_FORWARDED_HEADERS = (b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-for", b"x-forwarded-port",
+                      b"x-forwarded-prefix", b"forwarded", b"x-real-ip")
+
+
+def _strip_forwarded(scope: Scope) -> None:
+    scope["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k.lower() not in _FORWARDED_HEADERS]
+
+
+def _apply_forwarded(scope: Scope, headers: Mapping[str, str], policy: HostPolicy) -> None:
+    """A trusted proxy's X-Forwarded-Proto and -For become the request's scheme and client (uvicorn's
+    own proxy handling is off: it would trust 127.0.0.1 by default, i.e. any local browser page)."""
+    proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    if proto in ("http", "https"):
+        scope["scheme"] = ("wss" if proto == "https" else "ws") if scope["type"] == "websocket" else proto
+    hops = [h.strip() for h in headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):  # the nearest hop the trusted proxies did not add is the client
+        if not policy.trusts(hop):
+            scope["client"] = (hop, 0)
+            break
+    else:
+        if hops:
+            scope["client"] = (hops[0], 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # ASGI middleware
 
 Scope = dict
@@ -209,6 +371,7 @@ class SecurityPolicy:
     """Everything the middleware decides on; built by `create_server` from the flags."""
 
     auth: AuthConfig
+    hosts: HostPolicy = HostPolicy()
     page_mounted: bool = True
     cors_origins: tuple[str, ...] = ()
     cors_origin_regex: str | None = None
@@ -244,11 +407,40 @@ class SecurityMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         path = scope.get("path", "")
+        hosts = self.policy.hosts
+        peer = (scope.get("client") or (None, None))[0]
+        addressed = [headers.get("host")]
+        if hosts.trusts(peer):
+            forwarded_host = headers.get("x-forwarded-host", "").split(",")[0].strip()
+            if forwarded_host:
+                addressed.append(forwarded_host)
+            _apply_forwarded(scope, headers, hosts)
+        else:
+            _strip_forwarded(scope)  # nobody else may tell Gradio or a route which host or scheme this is
+        refused = [h for h in addressed if not hosts.allows(h)]
+        if refused:
+            refused_host = refused[0]
+            log.warning("Refused a request for host %r from %s (not an allowed host; see --allowed-hosts)",
+                        refused_host, peer)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await _send_json(send, 403, _error_body(
+                    "Forbidden", f"Host {refused_host!r} is not this server's name. If you reach Athanor under "
+                                 "this name, start it with --allowed-hosts NAME."))
+            return
+
         allowed, user = self._authenticate(path, headers)
         scope.setdefault("state", {})[USER_STATE_KEY] = user
 
+        origin = headers.get("origin")
+        foreign = origin is not None and not any(
+            origin_allowed(origin, host, self.policy.cors_origins, self.policy.cors_origin_regex)
+            for host in addressed if host)
+
         if scope["type"] == "websocket":
-            if not allowed:
+            # browsers send Origin with every WebSocket upgrade and no preflight stops a cross-site one
+            if not allowed or foreign:
                 await send({"type": "websocket.close", "code": 1008})
                 return
             await self.app(scope, receive, send)
@@ -264,12 +456,6 @@ class SecurityMiddleware:
             await _send_json(send, 401, body, extra)
             return
 
-        origin = headers.get("origin")
-        foreign = origin is not None and not any(
-            origin_allowed(origin, host, self.policy.cors_origins, self.policy.cors_origin_regex)
-            # behind a reverse proxy the browser's host is in X-Forwarded-Host (a cross-site page
-            # cannot set that header without a CORS preflight, which is refused)
-            for host in (headers.get("host"), headers.get("x-forwarded-host", "").split(",")[0].strip()))
         if method in MUTATING_METHODS and foreign:
             await _send_json(send, 403, _error_body(
                 "Forbidden", f"Cross-site request refused: origin {origin!r} is not this server"))
@@ -330,7 +516,8 @@ def install_security(server: Any, args: Any, logins: Mapping[str, str], *, page_
     limits = RequestLimits.from_args(args)
     origins = tuple(o.strip() for o in (getattr(args, "cors_allow_origins", None) or "").split(",") if o.strip())
     origin_regex = getattr(args, "cors_allow_origins_regex", None) or None
-    policy = SecurityPolicy(auth=auth, page_mounted=page_mounted, cors_origins=origins,
+    policy = SecurityPolicy(auth=auth, hosts=HostPolicy.from_args(args), page_mounted=page_mounted,
+                            cors_origins=origins,
                             cors_origin_regex=origin_regex,
                             max_body_bytes=max(64 * 1024 * 1024, 4 * limits.max_base64_length + 1024 * 1024))
     server.add_middleware(SecurityMiddleware, policy=policy, server=server)
