@@ -34,6 +34,7 @@ import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from modules.hooks import (
     API_VERSION,
@@ -287,6 +288,27 @@ def import_extension_module(folder: Path, relative: str, *, name: str | None = N
             except ValueError:
                 pass
     return module
+
+
+def check_extension_url(url: Any) -> str:
+    """The URL of an extension's git repository, if it is a plain `https://host/path` one; ValueError otherwise."""
+    text = url.strip() if isinstance(url, str) else ""
+    if not text:
+        raise ValueError("Give the https:// URL of the extension's git repository")
+    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in text) or text.startswith("-"):
+        raise ValueError("The URL contains spaces or control characters")
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "https" or "::" in text.split("/")[0]:
+        raise ValueError(f"Only https:// git URLs are installed (got {text[:80]!r}); copy other extensions into "
+                         "the extensions/ folder by hand")
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        host = None
+    if not host or not parts.path.strip("/"):
+        raise ValueError(f"{text[:80]!r} does not name a repository (https://host/owner/name)")
+    return text
 
 
 def _load_order(infos: list[ExtensionInfo]) -> list[ExtensionInfo]:
@@ -594,17 +616,17 @@ class ExtensionManager:
         return info
 
     def install_from_url(self, url: str, *, listening: bool = False, timeout: float = 300) -> str:
-        """`git clone` an extension into the user extensions folder; returns its folder name.
+        """`git clone` an extension from an `https://` URL into the user extensions folder; returns its folder name.
 
-        Never while the server listens on the network. The new extension starts disabled: its
-        install.py runs only when the user enables it from the console (`--enable-extension NAME`).
+        Never while the server listens on the network. Only `https://host/path` URLs: no `file://`, `ext::`,
+        `ssh`, local paths or anything git would read as an option. The new extension starts disabled and
+        stays so until the user enables it from the console (`--enable-extension NAME`, which also runs its
+        install.py): the page can install code but never make it run.
         """
         if listening:
             raise PermissionError("Installing extensions is disabled while the server listens on the network")
-        url = (url or "").strip()
-        if not url or url.startswith("-") or any(c in url for c in "\n\r\0"):
-            raise ValueError("Give the URL of the extension's git repository")
-        name = re.sub(r"\.git$", "", url.rstrip("/").replace("\\", "/").split("/")[-1].split(":")[-1])
+        url = check_extension_url(url)
+        name = re.sub(r"\.git$", "", urlsplit(url).path.rstrip("/").split("/")[-1])
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
             raise ValueError(f"Cannot tell an extension name from {url!r}")
         root = self.user_dir or self.builtin_dir
@@ -614,7 +636,10 @@ class ExtensionManager:
         root.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
         try:
-            done = subprocess.run(["git", "clone", "--depth", "1", "--", url, str(target)], capture_output=True,
+            # no submodules (their URLs are not checked here), no templates with hooks, and `--` before the URL
+            done = subprocess.run(["git", "-c", "protocol.ext.allow=never", "clone", "--depth", "1",
+                                   "--no-recurse-submodules", "--template=", "--", url, str(target)],
+                                  capture_output=True,
                                   text=True, timeout=timeout, env=env)
         except (OSError, subprocess.TimeoutExpired) as exc:
             shutil.rmtree(target, ignore_errors=True)

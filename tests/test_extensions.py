@@ -301,8 +301,9 @@ def test_example_extension_through_a_live_server(tmp_path):
         stop(proc)
 
 
-def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path):
-    # A local git repository stands in for a remote one (no network in tests).
+def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path, monkeypatch):
+    # A local git repository stands in for a remote one (no network in tests): git's own insteadOf maps the
+    # https:// URL the user types onto it, so the URL check and the clone run exactly as for a real remote.
     source = tmp_path / "src" / "my-ext"
     (source / "scripts").mkdir(parents=True)
     (source / "scripts" / "hello.py").write_text("def setup(api):\n    pass\n")
@@ -311,20 +312,37 @@ def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path):
     subprocess.run(git + ["init", "-q", str(source)], check=True)
     subprocess.run(git + ["-C", str(source), "add", "-A"], check=True)
     subprocess.run(git + ["-C", str(source), "commit", "-qm", "init"], check=True)
+    gitconfig = tmp_path / "gitconfig"
+    gitconfig.write_text(f'[url "{(tmp_path / "src").as_uri()}/"]\n\tinsteadOf = https://git.example.invalid/\n')
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
+    url = "https://git.example.invalid/my-ext"
 
     user_dir = tmp_path / "extensions"
     manager = manager_for(user_dir)
     with pytest.raises(PermissionError):
-        manager.install_from_url(str(source), listening=True)
+        manager.install_from_url(url, listening=True)
     assert not (user_dir / "my-ext").exists()
 
-    name = manager.install_from_url(str(source))
+    name = manager.install_from_url(url)
     assert name == "my-ext" and (user_dir / "my-ext" / "scripts" / "hello.py").is_file()
     assert "my-ext" in manager.disabled_names()  # install.py has not run: enabling is a console step
     with pytest.raises(ValueError, match="already exists"):
-        manager.install_from_url(str(source))
+        manager.install_from_url(url)
     with pytest.raises(ValueError, match="git clone failed"):
-        manager.install_from_url(str(tmp_path / "no-such-repo"))
+        manager.install_from_url("https://git.example.invalid/no-such-repo")
     assert not (user_dir / "no-such-repo").exists()
+
+
+@pytest.mark.parametrize("url", [
+    "file:///tmp/evil", "FILE:///tmp/evil", "/tmp/evil", "./evil", "../evil", "evil", "ext::sh -c touch% /tmp/pwn",
+    "ext::sh", "git://example.com/x.git", "ssh://git@example.com/x.git", "git@example.com:x/y.git",
+    "http://example.com/x.git", "--upload-pack=touch /tmp/x", "-c core.sshCommand=touch https://example.com/x",
+    "https://example.com/x --upload-pack=touch", "https://example.com/x\n--config=a", "https://", "https:///x",
+    "https://example.com", "https://example.com:99999/x", "", "   ", None, 12,
+])
+def test_install_refuses_anything_but_plain_https_urls(tmp_path, url):
+    user_dir = tmp_path / "extensions"
+    manager = manager_for(user_dir)
     with pytest.raises(ValueError):
-        manager.install_from_url("--upload-pack=touch /tmp/x")
+        manager.install_from_url(url)
+    assert not user_dir.exists() or not any(user_dir.iterdir())

@@ -147,16 +147,19 @@ def test_token_counter_counts_like_a1111():
 
 # -- settings ------------------------------------------------------------------------------------------------------
 
-def test_settings_changes_are_validated_and_paths_locked_when_listening(tmp_path):
+def test_settings_changes_are_validated_and_paths_always_locked(tmp_path):
     opts = Options(tmp_path / "config.json")
     keys = ["eta_noise_seed_delta", "CLIP_stop_at_last_layers", "outdir_txt2img_samples", "emphasis"]
     unchanged = [0, 1.0, "outputs/txt2img-images", "Original"]
-    assert compute_changes(opts, keys, unchanged, listening=False) == ({}, [])
-    changes, errors = compute_changes(opts, keys, [31337.0, 2.0, "elsewhere", "No norm"], listening=False)
+    assert compute_changes(opts, keys, unchanged) == ({}, [])
+    changes, errors = compute_changes(opts, keys[:2] + keys[3:], [31337.0, 2.0, "No norm"])
     assert errors == [] and changes == {"eta_noise_seed_delta": 31337, "CLIP_stop_at_last_layers": 2,
-                                        "outdir_txt2img_samples": "elsewhere", "emphasis": "No norm"}
+                                        "emphasis": "No norm"}
     assert all(type(changes[k]) is int for k in ("eta_noise_seed_delta", "CLIP_stop_at_last_layers"))
-    changes, errors = compute_changes(opts, keys, [-5, 13, "elsewhere", "Original"], listening=True)
+    # a path never changes from the page, listening or not (a rebinding page could point outputs anywhere)
+    changes, errors = compute_changes(opts, keys, [0, 1, "/tmp/elsewhere", "Original"])
+    assert changes == {} and any("Output directory for txt2img images" in e and "locked" in e.lower() for e in errors)
+    changes, errors = compute_changes(opts, keys, [-5, 13, "elsewhere", "Original"])
     assert "Eta noise seed delta (ENSD): must be at least 0 (got -5)." in errors
     assert any("Clip skip" in e and "between 1 and 12" in e for e in errors)
     assert any("Output directory for txt2img images" in e and "locked" in e for e in errors)
@@ -275,5 +278,31 @@ def test_listening_server_locks_paths_and_extension_installs(tmp_path):
     assert page["extensions_enabled"].interactive is False
 
     local = _page_for(tmp_path / "local")
-    assert local["setting_outdir_txt2img_samples"].interactive is not False
+    assert local["setting_outdir_txt2img_samples"].interactive is False  # paths: config.json, never the page
+    assert local["setting_eta_noise_seed_delta"].interactive is not False
     assert "extensions_install_disabled" not in local
+
+
+def test_the_page_disables_extensions_but_never_enables_one(tmp_path):
+    from app import App, Paths, build_parser
+    from modules.ui.extensions_tab import apply_enabled
+
+    user_ext = tmp_path / "extensions" / "dropped-in"
+    (user_ext / "scripts").mkdir(parents=True)
+    (user_ext / "scripts" / "marker.py").write_text("def setup(api):\n    pass\n")
+    args = build_parser().parse_args(["--data-dir", str(tmp_path)])
+    app = App(args=args, paths=Paths.from_args(args))
+    enabled = [info.name for info in app.extensions.all() if info.enabled]
+    assert "dropped-in" in enabled
+    # untick: disabled at the next start
+    notice, table = apply_enabled(app, [n for n in enabled if n != "dropped-in"], listening=False)
+    assert "Saved" in notice and "dropped-in" in Options(tmp_path / "config.json").get("disabled_extensions")
+    # tick it again from the page: refused, nothing written, the console command named
+    notice, table = apply_enabled(app, enabled, listening=False)
+    assert "--enable-extension dropped-in" in notice and "Nothing was changed" in notice
+    assert "dropped-in" in Options(tmp_path / "config.json").get("disabled_extensions")
+    # the Settings page cannot clear the list either: it is a locked setting
+    changes, errors = compute_changes(app.opts, ["disabled_extensions"], [""])
+    assert changes == {} and errors and "locked" in errors[0].lower()
+    with pytest.raises(PermissionError):
+        app.opts.set_many({"disabled_extensions": []}, is_api=True)

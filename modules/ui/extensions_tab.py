@@ -2,9 +2,11 @@
 
 It reads whatever the extension loader puts on the App (`app.extensions`: a list or dict of records with
 name / enabled / version / path / error attributes, or an object with `.all()`); when there is none, it lists
-the folders under the built-in and the data dir's `extensions/`. Enabling and disabling goes through the
-loader (`set_enabled(name, bool)`) and takes effect after a restart. Installing from a URL is offered only
-when the server does not listen on the network and the loader can do it (`install_from_url(url)`).
+the folders under the built-in and the data dir's `extensions/`. The page can only *disable* extensions
+(through the loader's `set_enabled(name, False)`, after a restart): enabling one decides which code runs,
+so it is a console step (`python app.py --enable-extension NAME`, which also runs its install.py).
+Installing from an https:// git URL is offered only when the server does not listen on the network and
+the loader can do it (`install_from_url(url)`); what it installs arrives disabled.
 """
 from __future__ import annotations
 
@@ -119,7 +121,8 @@ def build_extensions_tab(app: Any) -> ExtensionsTab:
         with gr.Tab("Installed", id="extensions_installed", elem_id="extensions_installed_top"):
             table = gr.HTML(extensions_table(rows, from_loader), elem_id="extensions_installed_html")
             enabled = gr.CheckboxGroup([r.name for r in rows], value=[r.name for r in rows if r.enabled],
-                                       label="Enabled extensions (applied at the next start)",
+                                       label="Enabled extensions (untick to disable at the next start; enable "
+                                             "from the console: python app.py --enable-extension NAME)",
                                        elem_id="extensions_enabled", interactive=can_toggle, visible=bool(rows))
             with gr.Row():
                 apply = gr.Button("Apply", elem_id="extensions_apply", variant="primary", scale=0, min_width=120,
@@ -134,29 +137,43 @@ def build_extensions_tab(app: Any) -> ExtensionsTab:
             elif not can_install:
                 gr.HTML(notice_html("Installing from a URL is not available in this build: copy the extension's "
                                     "folder into extensions/ and restart.", "info"))
-            install_url = gr.Textbox(label="URL of the extension's git repository", elem_id="install_url",
+            install_url = gr.Textbox(label="https:// URL of the extension's git repository", elem_id="install_url",
                                      interactive=can_install, visible=not listening)
             install = gr.Button("Install", elem_id="install_button", interactive=can_install, visible=not listening)
     return ExtensionsTab(table, enabled, apply, result, install_url, install)
+
+
+def apply_enabled(app: Any, names: Iterable[str] | None, *, listening: bool) -> tuple[str, Any]:
+    """The Extensions tab's Apply: (notice html, new table html or gr.skip()). Unticked extensions are disabled
+    at the next start; ticking a disabled one is refused, since enabling code is a console step."""
+    if listening:
+        return notice_html("Extensions cannot be switched on or off while the server listens on the network.",
+                           "error"), gr.skip()
+    loader = getattr(app, "extensions", None)
+    rows, from_loader = installed_extensions(app)
+    wanted = set(names or [])
+    newly_enabled = [row.name for row in rows if row.name in wanted and not row.enabled]
+    if newly_enabled:
+        # an extension is code: which code runs is decided on the server's console, never by a web page
+        commands = " ".join(f"--enable-extension {html.escape(n)}" for n in newly_enabled)
+        return notice_html(f"Extensions are enabled from the console, not the page: stop Athanor and run "
+                           f"<code>python app.py {commands}</code>. Nothing was changed.", "error"), gr.skip()
+    try:
+        for row in rows:
+            if row.enabled and row.name not in wanted:
+                loader.set_enabled(row.name, False)
+    except Exception as exc:  # noqa: BLE001 - the loader's own message is the useful one
+        return notice_html(f"Could not change the extensions: {html.escape(str(exc))}", "error"), gr.skip()
+    rows, from_loader = installed_extensions(app)
+    return (notice_html("Saved. Restart Athanor to unload the extensions you disabled.", "info"),
+            extensions_table(rows, from_loader))
 
 
 def connect_extensions(app: Any, tab: ExtensionsTab) -> None:
     listening = bool(getattr(app.args, "listen", False))
 
     def on_apply(names):
-        if listening:
-            return notice_html("Extensions cannot be switched on or off while the server listens on the network.",
-                               "error"), gr.skip()
-        loader = getattr(app, "extensions", None)
-        rows, from_loader = installed_extensions(app)
-        try:
-            for row in rows:
-                loader.set_enabled(row.name, row.name in (names or []))
-        except Exception as exc:  # noqa: BLE001 - the loader's own message is the useful one
-            return notice_html(f"Could not change the extensions: {exc}", "error"), gr.skip()
-        rows, from_loader = installed_extensions(app)
-        return (notice_html("Saved. Restart Athanor to load or unload extensions.", "info"),
-                extensions_table(rows, from_loader))
+        return apply_enabled(app, names, listening=listening)
 
     tab.apply.click(on_apply, inputs=[tab.enabled], outputs=[tab.result, tab.table], api_visibility=PRIVATE)
 
@@ -170,7 +187,7 @@ def connect_extensions(app: Any, tab: ExtensionsTab) -> None:
         try:
             name = loader.install_from_url((url or "").strip(), listening=listening)
         except Exception as exc:  # noqa: BLE001
-            return notice_html(f"Could not install: {exc}", "error"), gr.skip()
+            return notice_html(f"Could not install: {html.escape(str(exc))}", "error"), gr.skip()
         rows, from_loader = installed_extensions(app)
         return (notice_html(f"Installed {name} (disabled). To run its installer and enable it, stop Athanor and run "
                             f"<code>python app.py --enable-extension {name}</code>, then start it again.", "info"),

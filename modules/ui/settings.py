@@ -1,8 +1,8 @@
 """Settings: the quicksettings row (checkpoint, VAE) and the Settings tab over `app.opts` (config.json).
 
 Every option in modules.options (and those extensions add) gets a control named `setting_<key>`, grouped by
-section. Apply validates all changes first and applies none when one is wrong, naming it. Output paths are
-locked while the server listens on the network (anyone who can reach it could otherwise write anywhere).
+section. Apply validates all changes first and applies none when one is wrong, naming it. Output paths (and
+other settings that change paths or code) are locked in the page: they are set in config.json on the server.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ log = logging.getLogger("athanor.ui")
 QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae")
 READ_ONLY = frozenset({"sd_checkpoint_hash"})
 VAE_FIXED_CHOICES = ("Automatic", "None")
-LOCKED_NOTE = "Locked while the server listens on the network"
+LOCKED_NOTE = "Locked in the page: edit config.json on the server while Athanor is stopped"
 
 
 def all_options(opts: Any) -> dict[str, OptionInfo]:
@@ -42,8 +42,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def is_locked(info: OptionInfo, listening: bool) -> bool:
-    return listening and info.restrict_api
+def is_locked(info: OptionInfo) -> bool:
+    """Settings that change paths or which code runs are never changed from the page, listening or not: a web
+    page that reaches the server (DNS rebinding, a shared browser) must not be able to point outputs anywhere."""
+    return info.restrict_api
 
 
 def option_component(key: str, info: OptionInfo, value: Any, *, locked: bool) -> Any:
@@ -101,7 +103,7 @@ def bounds_error(info: OptionInfo, value: Any) -> str:
     return ""
 
 
-def compute_changes(opts: Any, keys: list[str], values: list[Any], *, listening: bool) -> tuple[dict, list[str]]:
+def compute_changes(opts: Any, keys: list[str], values: list[Any]) -> tuple[dict, list[str]]:
     """(changes to apply, error sentences) for the values the Settings page holds."""
     options = all_options(opts)
     changes: dict[str, Any] = {}
@@ -122,7 +124,7 @@ def compute_changes(opts: Any, keys: list[str], values: list[Any], *, listening:
             continue
         if coerced == opts.get(key):
             continue
-        if is_locked(info, listening):
+        if is_locked(info):
             errors.append(f"{info.label}: {LOCKED_NOTE.lower()}")
             continue
         changes[key] = coerced
@@ -229,16 +231,15 @@ def connect_quicksettings(app: Any, qs: Quicksettings, notice: Any) -> None:
 
 def build_settings_tab(app: Any) -> SettingsTab:
     """Lay out the Settings tab's contents (inside its gr.Tab)."""
-    listening = bool(getattr(app.args, "listen", False))
     options = {k: v for k, v in all_options(app.opts).items() if k not in QUICKSETTINGS}
     keys: list[str] = []
     components: list[Any] = []
     with gr.Row(elem_id="settings_top"):
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit", scale=0, min_width=160)
         result = gr.HTML("", elem_id="settings_result")
-    if listening:
-        gr.HTML(notice_html("The server is listening on the network: output paths can only be changed in "
-                            "config.json on the server.", "info"))
+    gr.HTML(notice_html("Output paths and the list of disabled extensions are changed in config.json on the "
+                        "server (while Athanor is stopped), never from the page.", "info"),
+            elem_id="settings_paths_note")
     with gr.Tabs(elem_id="settings"):
         for section in sections(options):
             with gr.Tab(section, id=f"settings_{slug(section)}", elem_id=f"settings_{slug(section)}"):
@@ -247,22 +248,21 @@ def build_settings_tab(app: Any) -> SettingsTab:
                         continue
                     keys.append(key)
                     components.append(option_component(key, info, current_values(app, [key])[0],
-                                                       locked=is_locked(info, listening)))
+                                                       locked=is_locked(info)))
     return SettingsTab(keys, components, apply, result)
 
 
 def connect_settings(app: Any, tab: SettingsTab) -> None:
-    listening = bool(getattr(app.args, "listen", False))
     options = all_options(app.opts)
 
     def on_apply(*values):
-        changes, errors = compute_changes(app.opts, tab.keys, list(values), listening=listening)
+        changes, errors = compute_changes(app.opts, tab.keys, list(values))
         if errors:
             return notice_html("Nothing was applied. " + " ".join(errors), "error")
         if not changes:
             return notice_html("No settings changed.", "info")
         try:
-            app.opts.set_many(changes)
+            app.opts.set_many(changes, is_api=True)  # the page is a remote caller too: paths stay locked
         except (ValueError, OSError) as exc:
             return notice_html(f"Nothing was applied: {exc}", "error")
         names = ", ".join(options[k].label for k in changes)
