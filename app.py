@@ -188,6 +188,9 @@ class App:
             disable_extra=getattr(self.args, "disable_extra_extensions", False))
         self.extensions.load_all()
         self.extensions.fill_api_providers(self.api_providers)
+        from modules.gate import Gate, RequestLimits
+
+        self.gate = Gate(RequestLimits.from_args(self.args), self.scripts)  # the queue's one door
         self.ui_assets = self.extensions.ui_assets  # (css, js) for the page
 
     def _notice(self, message: str) -> None:
@@ -221,7 +224,9 @@ class App:
 
     # -- jobs ---------------------------------------------------------------------------
     def submit(self, request, owner: str = "local"):
-        return self.queue.submit(request, owner)
+        """Queue a request from any entry point (page, APIs); RequestError (nothing queued) when the gate
+        refuses it."""
+        return self.queue.submit(self.gate.admit(request), owner)
 
     def _run_job(self, job):
         from modules.processing import ProcessingContext, process
@@ -246,7 +251,8 @@ class App:
             session = self.extensions.start_job(req, ctx)  # scripts, extra networks, patches: undone at the end
 
             def generate():
-                request = session.job.request  # scripts may have changed it
+                request = session.job.request  # scripts may have changed it: through the gate again
+                self.gate.check_running(request)
                 return process(request, ctx)  # txt2img or img2img, by request.kind
 
             with session:
@@ -261,7 +267,8 @@ def create_server(app: App):
 
     server = FastAPI(title="Athanor", docs_url=None, redoc_url=None)  # /docs comes with the API, offline
     app.server = server
-    auth = install_security(server, app.args, app.logins, page_mounted=not app.args.nowebui)
+    auth = install_security(server, app.args, app.logins, page_mounted=not app.args.nowebui,
+                            max_upload_base64=app.gate.limits.max_base64_length)
     if app.args.api or app.args.nowebui:
         from modules.api import mount_api
 

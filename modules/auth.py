@@ -507,19 +507,18 @@ class SecurityMiddleware:
                     "PayloadTooLarge", f"The request body is larger than {limit} bytes"))
 
 
-def install_security(server: Any, args: Any, logins: Mapping[str, str], *, page_mounted: bool) -> AuthConfig:
-    """Put the login check, the same-origin check and the body size cap in front of every route of
-    `server`, and CORS headers only for `--cors-allow-origins`. Returns the AuthConfig (for Gradio's login)."""
-    from modules.api.models import RequestLimits
-
+def install_security(server: Any, args: Any, logins: Mapping[str, str], *, page_mounted: bool,
+                     max_upload_base64: int = 28 * 1024 * 1024) -> AuthConfig:
+    """Put the Host check, the login check, the same-origin check and the body size cap in front of every
+    route of `server`, and CORS headers only for `--cors-allow-origins`. `max_upload_base64` is the longest
+    image one field may carry (a body may hold a few). Returns the AuthConfig (for Gradio's login)."""
     auth = auth_config_from_args(args, logins)
-    limits = RequestLimits.from_args(args)
     origins = tuple(o.strip() for o in (getattr(args, "cors_allow_origins", None) or "").split(",") if o.strip())
     origin_regex = getattr(args, "cors_allow_origins_regex", None) or None
     policy = SecurityPolicy(auth=auth, hosts=HostPolicy.from_args(args), page_mounted=page_mounted,
                             cors_origins=origins,
                             cors_origin_regex=origin_regex,
-                            max_body_bytes=max(64 * 1024 * 1024, 4 * limits.max_base64_length + 1024 * 1024))
+                            max_body_bytes=max(64 * 1024 * 1024, 4 * max_upload_base64 + 1024 * 1024))
     server.add_middleware(SecurityMiddleware, policy=policy, server=server)
     if origins or origin_regex:
         from starlette.middleware.cors import CORSMiddleware

@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
+from modules.request import RequestError
+
 API_VERSION = 1
 MIN_API_VERSION = 1  # the oldest extension API this version still runs unchanged
 
@@ -449,8 +451,8 @@ def guarded(extension: str, where: str, fn: Callable[..., Any], *args: Any, **kw
     """Call an extension's function; any exception becomes an ExtensionError naming the extension."""
     try:
         return fn(*args, **kwargs)
-    except ExtensionError:
-        raise
+    except (ExtensionError, RequestError):
+        raise  # a request over the limits (a script's generation) is the user's input, not the extension's bug
     except Exception as exc:  # noqa: BLE001 - any extension failure fails this job only
         raise ExtensionError(extension, where, exc) from exc
 

@@ -15,6 +15,29 @@ from modules.masking import DEFAULT_MAX_IMAGE_SIDE, HIRES_UPSCALERS, check_image
 RequestImage = Annotated[Image.Image, WithJsonSchema({"type": "string", "format": "binary",
                                                        "description": "an image (base64 over HTTP)"})]
 
+class RequestError(ValueError):
+    """A request that cannot run as given: one or more (field, message) problems. The APIs answer 422 with
+    each field named (`loc` is a field name or a path such as ("script_args", "x_values")); the page shows
+    the messages as a notice. Raised before the request is queued, never half-way through it."""
+
+    def __init__(self, field: str | tuple | list, message: str = "", *,
+                 problems: list[tuple[tuple, str]] | None = None):
+        if problems is None:
+            loc = tuple(field) if isinstance(field, (tuple, list)) else (field,) if field else ()
+            problems = [(loc, message)]
+        self.problems = [(tuple(loc), str(text)) for loc, text in problems]
+        super().__init__("; ".join(_problem_text(loc, text) for loc, text in self.problems))
+
+    @property
+    def field(self) -> tuple:
+        return self.problems[0][0]
+
+
+def _problem_text(loc: tuple, message: str) -> str:
+    name = ".".join(str(part) for part in loc)
+    return f"{name}: {message}" if name else message
+
+
 USE_SAME_SAMPLER = "Use same sampler"
 USE_SAME_SCHEDULER = "Use same scheduler"
 

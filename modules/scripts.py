@@ -28,6 +28,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from modules.request import RequestError
+
 _RESERVED_ARG_NAMES = frozenset({"p", "batch", "pp", "processed", "self"})
 
 
@@ -147,8 +149,29 @@ class PostprocessImageArgs:
     index: int
 
 
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One generation a selectable script will run, as `Script.planned_requests` returns it.
+
+    `where` says which one it is ("X=40, Y=1"); `sources` maps a request field to the script argument that set
+    it and a phrase for the user, e.g. {"steps": ("x_values", "X axis Steps = 40")}, so that a cell over the
+    server's limits is refused with a 422 naming the axis and the value."""
+
+    request: Any  # modules.request.GenerationRequest
+    where: str = ""
+    sources: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    generates: bool = True  # False: a picture the script assembles (SD upscale's result): only its size is checked
+
+
 class Script:
-    """Base class of scripts. Override `title`, and `show`/`ui` plus the methods you need."""
+    """Base class of scripts. Override `title`, and `show`/`ui` plus the methods you need.
+
+    A selectable script that runs generations of its own (a grid, tiles) should also define
+    `planned_requests(request, **args) -> list[PlannedRequest | GenerationRequest]`: the requests its `run`
+    will pass to `p.process_images()`. The request gate checks each of them, and their total number of
+    images, against the server's limits before the job is queued; a ValueError it raises is the user's
+    input error (422). Every request `run` actually processes is checked again when it runs.
+    """
 
     extension: str = "core"  # set when the script is registered
 
@@ -271,11 +294,23 @@ class ScriptRegistry:
         """
         specs = list(script.ui(is_img2img))
         args = {spec.key: spec.value for spec in specs}
+        where = "script_args" if _visibility(script, is_img2img) is not AlwaysVisible else \
+            ("alwayson_scripts", script.title())
+        prefix = (where,) if isinstance(where, str) else where
+
+        def coerce(spec: ScriptArg, value: Any) -> Any:
+            try:
+                return spec.coerce(value)
+            except RequestError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise RequestError((*prefix, spec.key), f"{script.title()}: {spec.label}: {exc}") from None
+
         if given is None:
             return args
         if isinstance(given, (list, tuple)):
             for spec, value in zip(specs, given):
-                args[spec.key] = spec.coerce(value)
+                args[spec.key] = coerce(spec, value)
             return args
         if isinstance(given, Mapping):
             by_label = {spec.label: spec for spec in specs}
@@ -284,11 +319,12 @@ class ScriptRegistry:
                 spec = by_key.get(key) or by_label.get(key)
                 if spec is None:
                     known = ", ".join(by_key) or "none"
-                    raise ValueError(f"Script {script.title()!r} has no argument {key!r}; its arguments: {known}")
-                args[spec.key] = spec.coerce(value)
+                    raise RequestError((*prefix, str(key)), f"Script {script.title()!r} has no argument {key!r}; "
+                                                            f"its arguments: {known}")
+                args[spec.key] = coerce(spec, value)
             return args
-        raise ValueError(f"Arguments of script {script.title()!r} must be a list or an object, "
-                         f"got {type(given).__name__}")
+        raise RequestError(prefix, f"Arguments of script {script.title()!r} must be a list or an object, "
+                                   f"got {type(given).__name__}")
 
     def resolve(self, request: Any) -> ScriptRun:
         """The scripts a request runs; ValueError (A1111 answers 422) for unknown or misplaced scripts.
@@ -302,21 +338,23 @@ class ScriptRegistry:
         if script_name:
             script = self.find(script_name, is_img2img)
             if script is None or script not in self.selectable(is_img2img):
-                raise ValueError(f"Script '{script_name}' not found")
+                raise RequestError("script_name", f"Script '{script_name}' not found")
             run.selectable = (script, self.arguments(script, is_img2img, getattr(request, "script_args", None) or None))
         requested: dict[str, Any] = {}
         for title, entry in (getattr(request, "alwayson_scripts", None) or {}).items():
             script = self.find(title, is_img2img)
             if script is None:
-                raise ValueError(f"always on script {title} not found")
+                raise RequestError(("alwayson_scripts", title), f"always on script {title} not found")
             if _visibility(script, is_img2img) is not AlwaysVisible:
-                raise ValueError("Cannot have a selectable script in the always on scripts params")
+                raise RequestError(("alwayson_scripts", title),
+                                   "Cannot have a selectable script in the always on scripts params")
             if isinstance(entry, Mapping):
                 given = entry.get("args")
             elif isinstance(entry, (list, tuple)):
                 given = entry
             else:
-                raise ValueError(f"alwayson_scripts[{title!r}] must be an object like {{\"args\": ...}}")
+                raise RequestError(("alwayson_scripts", title),
+                                   f"alwayson_scripts[{title!r}] must be an object like {{\"args\": ...}}")
             requested[script.title()] = given
         for script in self.alwayson(is_img2img):
             run.alwayson.append((script, self.arguments(script, is_img2img, requested.get(script.title()))))

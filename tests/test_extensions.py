@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from modules.extensions import ExtensionManager
 from modules.hooks import API_VERSION, HookRegistry
 from modules.options import Options
-from modules.request import GenerationRequest
+from modules.request import GenerationRequest, RequestError
 from modules.scripts import ScriptRegistry
 from tests.extension_helpers import EXAMPLE_EXTENSION, REPO, generate, make_app, model_weights, submit
 from tests.test_app_start import start_app, stop, wait_for
@@ -252,8 +252,10 @@ def test_script_errors_and_api_shapes(app):
         scripts.resolve(GenerationRequest(alwayson_scripts={"missing": {"args": []}}))
     with pytest.raises(ValueError, match="no argument 'volume'"):
         scripts.resolve(GenerationRequest(alwayson_scripts={"Example brightness": {"args": {"volume": 3}}}))
-    failed = submit(app, prompt="x", script_name="nope")
-    assert failed.status == "failed" and "not found" in failed.error
+    queued = len(app.queue.all_jobs())
+    with pytest.raises(RequestError, match="not found") as refused:  # refused at the queue's door
+        submit(app, prompt="x", script_name="nope")
+    assert refused.value.field == ("script_name",) and len(app.queue.all_jobs()) == queued
 
     listed = scripts.scripts_for_api()
     assert {"twice", "recorder", "example brightness"} <= set(listed["txt2img"])

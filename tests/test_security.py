@@ -220,3 +220,18 @@ def test_listening_allows_the_machines_own_addresses(monkeypatch):
 def test_bad_host_flags_stop_the_start(tmp_path, capsys):
     assert appmod.main(["--data-dir", str(tmp_path), "--forwarded-allow-ips", "proxy"]) == 2
     assert "--forwarded-allow-ips" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("route", ["/sdapi/v1/txt2img", "/api/v1/jobs"])
+def test_script_cells_over_the_limits_are_a_422_naming_the_axis(local, route):
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "script_name": "X/Y/Z plot",
+            "script_args": {"x_type": "Steps", "x_values": "1, 5"}}
+    status, text = local.request("POST", route, body)
+    error = json.loads(text)
+    assert status == 422, text
+    assert error["detail"][0]["loc"] == ["body", "script_args", "x_values"]
+    assert "X axis Steps = 5" in error["errors"] and "at most 2 steps" in error["errors"]
+    # a bad cell value, not only a limit: named too, never a 500 "extension failed"
+    body["script_args"] = {"x_type": "CFG Scale", "x_values": "7, 1e308"}
+    status, text = local.request("POST", route, body)
+    assert status == 422 and json.loads(text)["detail"][0]["loc"] == ["body", "script_args", "x_values"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from modules.jobs import DONE
+from modules.request import RequestError
 from tests.extension_helpers import builtin_module, generate, make_app, submit
 
 axes = builtin_module("xyz-grid", "axes")
@@ -64,14 +65,14 @@ def test_prompt_search_and_replace(app):
                       script_args={"x_type": "Prompt S/R", "x_values": "red, blue, green", "include_lone_images": True})
     assert result.prompts[1:] == ["a red cube", "a blue cube", "a green cube"]
     assert result.negative_prompts[1:] == ["red blur", "blue blur", "green blur"]
-    missing = submit(app, prompt="a cube", script_name="X/Y/Z plot",
-                     script_args={"x_type": "Prompt S/R", "x_values": "red, blue"})
-    assert missing.status != DONE and "did not find red" in str(missing.error)
+    with pytest.raises(RequestError, match="did not find red") as refused:  # before anything is queued
+        submit(app, prompt="a cube", script_name="X/Y/Z plot", script_args={"x_type": "Prompt S/R", "x_values": "red, blue"})
+    assert refused.value.field == ("script_args", "x_values")
 
 
 def test_unknown_axis_type_is_refused(app):
-    job = submit(app, prompt="x", script_name="X/Y/Z plot", script_args={"x_type": "Bogus", "x_values": "1"})
-    assert job.status != DONE and "X axis type 'Bogus' is not available" in str(job.error)
+    with pytest.raises(RequestError, match="X axis type 'Bogus' is not available"):
+        submit(app, prompt="x", script_name="X/Y/Z plot", script_args={"x_type": "Bogus", "x_values": "1"})
 
 
 def test_grid_and_cells_are_saved_when_the_request_saves(app):

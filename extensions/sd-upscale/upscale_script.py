@@ -22,7 +22,7 @@ from PIL import Image
 
 from modules import images, masking, rng
 from modules.processing import GenerationResult
-from modules.scripts import ScriptArg, Script, Slider, Textbox
+from modules.scripts import PlannedRequest, ScriptArg, Script, Slider, Textbox
 
 from . import tiling
 
@@ -59,6 +59,30 @@ class SdUpscale(Script):
             UpscalerArg("Upscaler", tiling.UPSCALERS[0], name="upscaler", kind="radio", choices=tiling.UPSCALERS),
             Slider("Scale Factor", 1.0, 4.0, 2.0, step=0.05, name="scale_factor"),
         ]
+
+    def planned_requests(self, request, info: str = "", tile_overlap: int = 64, upscaler: str = "None",
+                         scale_factor: float = 2.0, **_: Any) -> list[PlannedRequest]:
+        """The tile batches `run` will draw and the upscaled picture, for the request gate: checked against the
+        server's limits (tiles count as images) before the job is queued, from the image sizes alone."""
+        source = request.init_images[0] if request.init_images else None
+        if source is None:
+            return []
+        name = tiling.resolve_upscaler(upscaler)
+        width, height = source.size
+        if name != "None":
+            width, height = int(width * float(scale_factor)) // 8 * 8, int(height * float(scale_factor)) // 8 * 8
+        factor_text = f"Scale Factor {float(scale_factor):g} makes a {width}x{height} picture"
+        out = [PlannedRequest(request.model_copy(update=dict(width=width, height=height)), "the upscaled picture",
+                              {"width": ("scale_factor", factor_text)}, generates=False)]
+        layout = tiling.grid_layout(width, height, request.width, request.height, int(tile_overlap))
+        tiles, batch = layout.count, request.batch_size
+        for _n in range(request.n_iter):
+            for start in range(0, tiles, batch):
+                size = min(batch, tiles - start)
+                tile_request = request.model_copy(update=dict(init_images=[source] * size, batch_size=size, n_iter=1,
+                                                              mask=None))
+                out.append(PlannedRequest(tile_request, f"{tiles} tiles of {request.width}x{request.height}"))
+        return out
 
     def run(self, p, info: str = "", tile_overlap: int = 64, upscaler: str = "None", scale_factor: float = 2.0,
             **_: Any) -> GenerationResult:

@@ -25,6 +25,14 @@ RE_RANGE_FLOAT = re.compile(rf"\s*({_FLOAT})\s*-\s*({_FLOAT})(?:\s*\(([+-]\d+(?:
 RE_RANGE_COUNT_FLOAT = re.compile(rf"\s*({_FLOAT})\s*-\s*({_FLOAT})(?:\s*\[(\d+(?:\.\d*)?)\s*\])?\s*")
 
 
+MAX_AXIS_VALUES = 1000  # a range such as 1-1000000000 is refused before a list of that size is built
+
+
+def _check_count(count: float, item: str) -> None:
+    if count > MAX_AXIS_VALUES:
+        raise ValueError(f"The range {item!r} makes {int(count)} values; an axis takes at most {MAX_AXIS_VALUES}")
+
+
 def csv_list(text: str) -> list[str]:
     """A1111's `csv_string_to_list_strip`: CSV items (spaces after commas skipped), stripped, empty ones dropped."""
     rows = csv.reader(StringIO(text or ""), skipinitialspace=True)
@@ -45,9 +53,11 @@ def expand_ints(text: str) -> list[int]:
             step = int(plain.group(3)) if plain.group(3) else 1
             if step == 0:
                 raise ValueError(f"The range {item!r} has a step of 0")
+            _check_count(len(range(start, end + 1, step)) + len(out), item)
             out += list(range(start, end + 1, step))  # as A1111: end + 1 even for a negative step
         elif counted:
             start, end, count = int(_num(counted.group(1))), int(_num(counted.group(2))), int(counted.group(3))
+            _check_count(count + len(out), item)
             out += [int(x) for x in np.linspace(start, end, count).tolist()]
         else:
             try:
@@ -68,9 +78,11 @@ def expand_floats(text: str) -> list[float]:
             step = float(plain.group(3)) if plain.group(3) else 1.0
             if step == 0:
                 raise ValueError(f"The range {item!r} has a step of 0")
+            _check_count(max(0.0, (end + step - start) / step) + len(out), item)
             out += np.arange(start, end + step, step).tolist()
         elif counted:
             start, end = float(_num(counted.group(1))), float(_num(counted.group(2)))
+            _check_count(float(counted.group(3)) + len(out), item)
             out += np.linspace(start, end, int(float(counted.group(3)))).tolist()
         else:
             try:

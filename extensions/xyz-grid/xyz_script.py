@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from pydantic import ValidationError
 
 from modules import images, rng
 from modules.processing import GenerationResult
-from modules.scripts import Checkbox, ScriptArg, Script, Slider, Textbox
+from modules.request import RequestError
+from modules.scripts import Checkbox, PlannedRequest, ScriptArg, Script, Slider, Textbox
 
 from . import axes
 
@@ -36,6 +38,12 @@ def _fix_seeds(axis_type: axes.AxisType, values: list[Any]) -> list[Any]:
     if axis_type.label not in ("Seed", "Var. seed"):
         return values
     return [random.randrange(4294967294) if v in (None, -1) else v for v in values]
+
+
+def _shown(axis_type: axes.AxisType, value: Any) -> str:
+    """"Steps = 40", "Size = 256x256", "Prompt S/R = blue": an axis value in an error message."""
+    shown = f"{value[0]}x{value[1]}" if axis_type.label == "Size" else value
+    return f"{axis_type.label} = {shown}"
 
 
 class XyzPlot(Script):
@@ -66,25 +74,19 @@ class XyzPlot(Script):
             Slider("Grid margins (px)", 0, 500, 0, step=2, name="margin_size"),
         ]
 
-    def run(self, p, x_type: Any = "Seed", x_values: str = "", y_type: Any = "Nothing", y_values: str = "",
-            z_type: Any = "Nothing", z_values: str = "", draw_legend: bool = True,
-            include_lone_images: bool = False, include_sub_grids: bool = False, no_fixed_seeds: bool = False,
-            margin_size: int = 0, **_: Any) -> GenerationResult:
-        base = p.request
-        types = [axes.find_axis_type(t, name) for t, name in ((x_type, "X"), (y_type, "Y"), (z_type, "Z"))]
-        values = [axes.parse_axis(t, v, name) for t, v, name in zip(types, (x_values, y_values, z_values), "XYZ")]
-        if not no_fixed_seeds:
-            values = [_fix_seeds(t, v) for t, v in zip(types, values)]
-            base = base.model_copy(update=dict(seed=rng.get_fixed_seed(base.seed),
-                                               subseed=rng.get_fixed_seed(base.subseed)))
-        xs, ys, zs = values
+    def planned_requests(self, request, **args: Any) -> list[PlannedRequest]:
+        """Every cell's request, for the request gate (limits, each cell's values) before the job is queued."""
+        _, _, _, cells = self._plan(request, **args)
+        return cells
+
+    def run(self, p, draw_legend: bool = True, include_lone_images: bool = False, include_sub_grids: bool = False,
+            margin_size: int = 0, **args: Any) -> GenerationResult:
         # every cell's request is built (and validated) before the first generation
-        cells = [self._cell_request(base, types, values, (x, y, z))
-                 for z, y, x in itertools.product(zs, ys, xs)]
+        base, types, values, cells = self._plan(p.request, **args)
         results: list[GenerationResult] = []
         interrupted = False
-        for request in cells:
-            p.request = request
+        for cell in cells:
+            p.request = cell.request
             processed = p.process_images()
             results.append(processed)
             if processed.interrupted:
@@ -101,22 +103,51 @@ class XyzPlot(Script):
             result.grid_path = str(images.save_grid(result.images[0], folder, infotext=text))
         return result
 
+    def _plan(self, base, x_type: Any = "Seed", x_values: str = "", y_type: Any = "Nothing", y_values: str = "",
+              z_type: Any = "Nothing", z_values: str = "", no_fixed_seeds: bool = False, **_: Any):
+        """(base request, axis types, axis values, one PlannedRequest per cell in A1111's order: Z slowest,
+        then Y, X fastest). ValueError naming the axis for a value that does not fit."""
+        types = [axes.find_axis_type(t, name) for t, name in ((x_type, "X"), (y_type, "Y"), (z_type, "Z"))]
+        values = [axes.parse_axis(t, v, name) for t, v, name in zip(types, (x_values, y_values, z_values), "XYZ")]
+        if not no_fixed_seeds:
+            values = [_fix_seeds(t, v) for t, v in zip(types, values)]
+            base = base.model_copy(update=dict(seed=rng.get_fixed_seed(base.seed),
+                                               subseed=rng.get_fixed_seed(base.subseed)))
+        xs, ys, zs = values
+        cells = [self._cell_request(base, types, values, (x, y, z)) for z, y, x in itertools.product(zs, ys, xs)]
+        return base, types, values, cells
+
     @staticmethod
-    def _cell_request(base, types: list[axes.AxisType], values: list[list[Any]], cell: tuple[Any, Any, Any]):
+    def _cell_request(base, types: list[axes.AxisType], values: list[list[Any]],
+                      cell: tuple[Any, Any, Any]) -> PlannedRequest:
         # cells are saved like any image when the request saves (A1111 does); the plot's grid is saved once below
         request = base.model_copy(update=dict(save_grid=False))
         fields: dict[str, Any] = {"prompt": base.prompt, "negative_prompt": base.negative_prompt}
-        for axis_type, axis_values, value in zip(types, values, cell):
+        sources: dict[str, tuple[str, str]] = {}
+        used = [(axis, t, v) for axis, t, v in zip("XYZ", types, cell) if t.label != "Nothing"]
+        where = ", ".join(f"{axis} {_shown(t, v)}" for axis, t, v in used) or "the plot"
+        for axis, axis_type, axis_values, value in zip("XYZ", types, values, cell):
             if axis_type.label == "Prompt S/R":
                 search = axis_values[0]  # A1111: the axis's first value is the search term
                 if search not in fields["prompt"] and search not in fields["negative_prompt"]:
-                    raise ValueError(f"Prompt S/R did not find {search} in prompt or negative prompt.")
+                    raise RequestError(f"{axis.lower()}_values", f"Prompt S/R did not find {search} in prompt or "
+                                                                 "negative prompt.")
                 fields["_sr_search"] = search
-            fields.update(axis_type.apply(value, fields))
+            changed = axis_type.apply(value, fields)
+            fields.update(changed)
             fields.pop("_sr_search", None)
+            text = f"{axis} axis {_shown(axis_type, value)}"
+            for name in changed:
+                if not name.startswith("_"):
+                    sources[name] = (f"{axis.lower()}_values", text)
         for name, value in fields.items():
-            setattr(request, name, value)  # validated: a bad value is refused before anything is drawn
-        return request
+            try:
+                setattr(request, name, value)  # validated: a bad value is refused before anything is drawn
+            except ValidationError as exc:
+                arg, text = sources.get(name, ("", name))
+                reason = exc.errors()[0].get("msg", str(exc)) if exc.errors() else str(exc)
+                raise RequestError(arg, f"{text}: {reason}") from None
+        return PlannedRequest(request, where, sources)
 
     @staticmethod
     def _result(base, types, values, results: list[GenerationResult], interrupted: bool, draw_legend: bool,

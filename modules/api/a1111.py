@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from modules import samplers
 from modules.api import ScriptEntry
+from modules.gate import check_sampler  # a RequestError becomes a 422 naming the field
 from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, current_job_of, decode_upload,
                                 dumps_info, encode_png_base64, invalid, raise_pydantic, submit, wait_for_job)
 from modules.api.models import (A1111ProcessingBase, Img2ImgRequest, ImagesResponse, PngInfoRequest,
@@ -158,22 +159,6 @@ def check_override_settings(context: ApiContext, overrides: dict[str, Any]) -> d
     return out
 
 
-def check_sampler(field: str, name: str | None, schedule: str | None, steps: int | None = None, *,
-                  steps_field: str = "steps") -> None:
-    """422 naming the field for an unknown sampler or schedule type, or a step count the sampler cannot run."""
-    try:
-        sampler, _ = samplers.resolve_sampler(name, schedule)
-    except samplers.UnsupportedScheduleError as exc:
-        raise invalid("scheduler" if field == "sampler_name" else "hr_scheduler", str(exc)) from None
-    except ValueError as exc:
-        raise invalid(field, str(exc)) from None
-    if steps is not None:
-        try:
-            samplers.check_steps(sampler, steps)
-        except ValueError as exc:
-            raise invalid(steps_field, str(exc)) from None
-
-
 def img2img_available() -> bool:
     from modules import processing
     from modules.request import GenerationRequest
@@ -201,8 +186,6 @@ def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiC
                       hr_steps if hr_steps >= 1 else None, steps_field="hr_second_pass_steps")
 
     dumped = body.model_dump()
-    for name, message in limits.violations(dumped):
-        raise invalid(name, message)
     overrides = check_override_settings(context, body.override_settings or {})
 
     values: dict[str, Any] = {k: v for k, v in dumped.items()

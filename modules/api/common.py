@@ -7,6 +7,7 @@ import binascii
 import io
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.api import ApiProviders
-from modules.api.models import RequestLimits
+from modules.gate import RequestError, RequestLimits
 from modules.auth import USER_STATE_KEY, AuthConfig, auth_config_from_args, owner_for
 
 log = logging.getLogger("athanor.api")
@@ -108,11 +109,30 @@ def _loc_text(loc: Iterable[Any]) -> str:
     return ".".join(str(p) for p in loc)
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with what JSON (as UTF-8, without NaN) cannot carry made printable: lone surrogates (a client
+    may send "\\ud800" and see it quoted back in a message) become backslash escapes, non-finite floats
+    their names. Without this the error response itself would fail to render: a 500 for bad input."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def error_response(status: int, error: str, detail: Any, errors: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     content = {"error": error, "detail": detail, "body": "",
                "errors": errors if errors is not None else (detail if isinstance(detail, str) else str(detail))}
-    return JSONResponse(status_code=status, content=jsonable_encoder(content), headers=headers)
+    return JSONResponse(status_code=status, content=_json_safe(jsonable_encoder(content)), headers=headers)
 
 
 def validation_details(errors: Iterable[dict]) -> list[dict[str, Any]]:
@@ -159,6 +179,11 @@ def install_error_handlers(server: FastAPI) -> None:
     async def on_request_validation(_request: Request, exc: RequestValidationError):
         return validation_error_response(validation_details(exc.errors()))
 
+    async def on_request_error(_request: Request, exc: RequestError):
+        # the gate refused the request (limits, sampler, scripts and their planned requests): 422 naming each field
+        details = [{"loc": field_loc(loc), "msg": text, "type": "value_error"} for loc, text in exc.problems]
+        return validation_error_response(details or [{"loc": ["body"], "msg": str(exc), "type": "value_error"}])
+
     async def on_http(_request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, "HTTPException", exc.detail, headers=getattr(exc, "headers", None))
 
@@ -170,6 +195,7 @@ def install_error_handlers(server: FastAPI) -> None:
     server.add_exception_handler(ApiError, on_api_error)
     server.add_exception_handler(ApiValidationError, on_validation)
     server.add_exception_handler(RequestValidationError, on_request_validation)
+    server.add_exception_handler(RequestError, on_request_error)
     server.add_exception_handler(StarletteHTTPException, on_http)
     server.add_exception_handler(Exception, on_unexpected)
 

@@ -8,7 +8,6 @@ Floats must be finite; anything that does not fit its type is a 422 naming the f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -194,83 +193,3 @@ class JobResult(BaseModel):
     info: dict[str, Any]
     interrupted: bool
     error: str | None
-
-
-# ---------------------------------------------------------------------------------------------
-# Limits
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """What one request may ask for (flags `--max-steps`, `--max-images`, `--max-pixels`,
-    `--max-prompt-length`, `--max-upload-mb`)."""
-
-    max_steps: int = 150
-    max_images: int = 100  # batch_size * n_iter
-    max_pixels: int = 2048 * 2048  # width * height, also of the hires. fix target
-    max_prompt_length: int = 20_000  # characters, per prompt field
-    max_upload_bytes: int = 20 * 1024 * 1024  # one decoded image file
-    min_side: int = 64  # smaller latents cannot pass the UNet's down-sampling
-
-    @classmethod
-    def from_args(cls, args: Any) -> "RequestLimits":
-        defaults = cls()
-        upload_mb = getattr(args, "max_upload_mb", None)
-        return cls(
-            max_steps=int(getattr(args, "max_steps", None) or defaults.max_steps),
-            max_images=int(getattr(args, "max_images", None) or defaults.max_images),
-            max_pixels=int(getattr(args, "max_pixels", None) or defaults.max_pixels),
-            max_prompt_length=int(getattr(args, "max_prompt_length", None) or defaults.max_prompt_length),
-            max_upload_bytes=int(float(upload_mb) * 1024 * 1024) if upload_mb else defaults.max_upload_bytes,
-        )
-
-    @property
-    def max_base64_length(self) -> int:
-        # base64 is 4 characters per 3 bytes; a data: URL prefix and line breaks add a little
-        return self.max_upload_bytes * 4 // 3 + 1024
-
-    @property
-    def max_decoded_pixels(self) -> int:
-        """Largest input image (pixels) opened: uploads may be larger than outputs, but not unboundedly."""
-        return max(self.max_pixels * 4, 4096 * 4096)
-
-    def violations(self, fields: dict[str, Any]) -> list[tuple[str, str]]:
-        """(field, message) for every limit the request's values break; `fields` are GenerationRequest
-        names and values (img2img and hires. fix fields are used when present)."""
-        out: list[tuple[str, str]] = []
-        steps = int(fields.get("steps", 0) or 0)
-        if steps > self.max_steps:
-            out.append(("steps", f"at most {self.max_steps} steps per image on this server (got {steps})"))
-        hr_steps = int(fields.get("hr_second_pass_steps", 0) or 0)
-        if fields.get("enable_hr") and hr_steps > self.max_steps:
-            out.append(("hr_second_pass_steps", f"at most {self.max_steps} steps (got {hr_steps})"))
-        batch, count = int(fields.get("batch_size", 1) or 1), int(fields.get("n_iter", 1) or 1)
-        batch = max(batch, len(fields.get("init_images") or ()))  # several init images make the batch
-        if batch * count > self.max_images:
-            out.append(("batch_size", f"batch_size x n_iter must be at most {self.max_images} images per "
-                                      f"request on this server (got {batch} x {count})"))
-        width, height = int(fields.get("width", 0) or 0), int(fields.get("height", 0) or 0)
-        if width * height > self.max_pixels:
-            out.append(("width", f"width x height must be at most {self.max_pixels} pixels on this server "
-                                 f"(got {width}x{height})"))
-        elif min(width, height) < self.min_side:
-            name = "width" if width < self.min_side else "height"
-            out.append((name, f"width and height must be at least {self.min_side} (got {width}x{height})"))
-        if fields.get("enable_hr") and width > 0 and height > 0:
-            from modules.processing import hires_target
-
-            field = "hr_resize_x" if fields.get("hr_resize_x") or fields.get("hr_resize_y") else "hr_scale"
-            target = hires_target(width, height, float(fields.get("hr_scale") or 0),
-                                  int(fields.get("hr_resize_x") or 0), int(fields.get("hr_resize_y") or 0))
-            final_w, final_h = target.final_size
-            if max(target.width * target.height, final_w * final_h) > self.max_pixels:
-                out.append((field, f"the hires. fix size {target.width}x{target.height} is over the "
-                                   f"{self.max_pixels} pixels this server allows"))
-            elif min(final_w, final_h) < self.min_side:
-                out.append((field, f"the hires. fix would make a {final_w}x{final_h} image; each side must be at "
-                                   f"least {self.min_side}"))
-        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
-            text = fields.get(name)
-            if isinstance(text, str) and len(text) > self.max_prompt_length:
-                out.append((name, f"at most {self.max_prompt_length} characters on this server (got {len(text)})"))
-        return out
-
