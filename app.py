@@ -169,11 +169,18 @@ class App:
         self.registry.refresh()
         self.notices: list[str] = []
         self.models = ModelManager(self.registry, self.device, hooks=self.hooks, on_notice=self._notice)
-        self.queue = JobQueue(self._run_job, max_queued_per_user=getattr(self.args, "max_queued_per_user", 100))
         from modules.api import ApiProviders
 
         self.api_providers = ApiProviders()  # what /sdapi/v1 lists for embeddings, LoRA, scripts, ...: extensions fill it
         self._load_extensions()
+        from modules.gate import Gate, RequestLimits
+        from modules.worker import LocalWorker
+
+        self.gate = Gate(RequestLimits.from_args(self.args), self.scripts)  # the queue's one door
+        self.worker = LocalWorker(opts=self.opts, registry=self.registry, models=self.models, device=self.device,
+                                  hooks=self.hooks, extensions=self.extensions, gate=self.gate,
+                                  outputs_dir=self.paths.outputs_dir)
+        self.queue = JobQueue(self.worker.run, max_queued_per_user=getattr(self.args, "max_queued_per_user", 100))
 
     def _load_extensions(self) -> None:
         """Extensions (built-in `extensions/` and DATA_DIR/extensions) register their hooks, scripts and settings."""
@@ -188,9 +195,6 @@ class App:
             disable_extra=getattr(self.args, "disable_extra_extensions", False))
         self.extensions.load_all()
         self.extensions.fill_api_providers(self.api_providers)
-        from modules.gate import Gate, RequestLimits
-
-        self.gate = Gate(RequestLimits.from_args(self.args), self.scripts)  # the queue's one door
         self.ui_assets = self.extensions.ui_assets  # (css, js) for the page
 
     def _notice(self, message: str) -> None:
@@ -227,36 +231,6 @@ class App:
         """Queue a request from any entry point (page, APIs); RequestError (nothing queued) when the gate
         refuses it."""
         return self.queue.submit(self.gate.admit(request), owner)
-
-    def _run_job(self, job):
-        from modules.processing import ProcessingContext, process
-
-        req = job.request
-        overrides = dict(req.override_settings)
-        if req.clip_skip is not None:
-            overrides["CLIP_stop_at_last_layers"] = req.clip_skip
-        opts = self.opts.snapshot(overrides)
-        # A per-request checkpoint override lasts for this job only (A1111's restore-afterwards): a job
-        # without one uses the configured checkpoint, so the override is undone lazily by the next job.
-        configured = self.opts.get("sd_model_checkpoint") or None
-        if configured and self.registry.find_checkpoint(configured) is None:
-            configured = None
-        with self.models.lock:
-            active = self.models.ensure(req.checkpoint or overrides.get("sd_model_checkpoint") or configured,
-                                        opts.get("sd_vae", "Automatic"))
-            ctx = ProcessingContext(model=active.model, model_ref=active.ref, opts=opts,
-                                    device=self.device.device, dtype=self.device.dtype,
-                                    outputs_dir=self.paths.outputs_dir, hooks=self.hooks,
-                                    control=job.control, progress=job.progress)
-            session = self.extensions.start_job(req, ctx)  # scripts, extra networks, patches: undone at the end
-
-            def generate():
-                request = session.job.request  # scripts may have changed it: through the gate again
-                self.gate.check_running(request)
-                return process(request, ctx)  # txt2img or img2img, by request.kind
-
-            with session:
-                return session.run(generate)
 
 
 def create_server(app: App):
