@@ -174,9 +174,11 @@ class App:
         self.api_providers = ApiProviders()  # what /sdapi/v1 lists for embeddings, LoRA, scripts, ...: extensions fill it
         self._load_extensions()
         from modules.gate import Gate, RequestLimits
+        from modules.styles import StyleDatabase
         from modules.worker import LocalWorker
 
-        self.gate = Gate(RequestLimits.from_args(self.args), self.scripts)  # the queue's one door
+        self.styles = StyleDatabase(self.paths.data_dir / "styles.csv")  # A1111's styles.csv, for every entry point
+        self.gate = Gate(RequestLimits.from_args(self.args), self.scripts, self.styles)  # the queue's one door
         self.worker = LocalWorker(opts=self.opts, registry=self.registry, models=self.models, device=self.device,
                                   hooks=self.hooks, extensions=self.extensions, gate=self.gate,
                                   outputs_dir=self.paths.outputs_dir)

@@ -137,11 +137,14 @@ class Gate:
     """The queue's door: `admit(request)` before a job is queued, `check_running(request)` for each
     generation a job runs (a script may change `p.request` between generations)."""
 
-    def __init__(self, limits: RequestLimits, scripts: Any = None):
+    def __init__(self, limits: RequestLimits, scripts: Any = None, styles: Any = None):
         self.limits = limits
         self.scripts = scripts  # modules.scripts.ScriptRegistry (None: no scripts)
+        self.styles = styles  # modules.styles.StyleDatabase (None: requests may name no styles)
 
     def admit(self, request: GenerationRequest) -> GenerationRequest:
+        """The request as it will run (styles applied), or RequestError; nothing invalid gets past."""
+        request = self.apply_styles(request)
         check_request(request, self.limits)
         if self.scripts is None:
             return request
@@ -156,6 +159,26 @@ class Gate:
             script, args = run.selectable
             self._check_planned(script, request, args)
         return request
+
+    def apply_styles(self, request: GenerationRequest) -> GenerationRequest:
+        """A1111's rule, the same for the page and both APIs: the named styles wrap the prompt, the negative
+        prompt and the hires. fix prompts (an empty hires prompt stays empty: it means "the styled prompt").
+        The infotext then shows the styled prompts, as A1111's does."""
+        if not request.styles:
+            return request
+        if self.styles is None:
+            raise RequestError("styles", "this server has no styles")
+        try:
+            prompt, negative = self.styles.apply(request.styles, request.prompt, request.negative_prompt)
+            hr_prompt, hr_negative = self.styles.apply(request.styles, request.hr_prompt, request.hr_negative_prompt)
+        except ValueError as exc:
+            raise RequestError("styles", f"{exc}; GET /sdapi/v1/prompt-styles lists the styles") from None
+        update = {"prompt": prompt, "negative_prompt": negative}
+        if request.hr_prompt:
+            update["hr_prompt"] = hr_prompt
+        if request.hr_negative_prompt:
+            update["hr_negative_prompt"] = hr_negative
+        return request.model_copy(update=update)
 
     def check_running(self, request: GenerationRequest) -> None:
         check_request(request, self.limits)

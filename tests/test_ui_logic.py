@@ -13,7 +13,8 @@ from modules.model_registry import HashCache, ModelRegistry
 from modules.options import Options, OptionInfo
 from modules.processing import GenerationResult
 from modules.request import GenerationRequest
-from modules.ui import paste, styles, tokens
+from modules import styles
+from modules.ui import paste, tokens
 from modules.ui.extensions_tab import extensions_table, folder_rows
 from modules.ui.generation import build_request, request_values
 from modules.ui.pnginfo import read_image_file
@@ -115,16 +116,34 @@ def test_paste_respects_wanted_and_skip():
     assert set(result.values) == {"prompt", "steps"}
 
 
-def test_request_from_controls_applies_styles_and_checkpoint(tmp_path):
-    db = styles.StyleDatabase(tmp_path / "styles.csv")
-    db.save(styles.PromptStyle("oil", "{prompt}, oil painting", "photo"))
+def test_request_from_controls_names_styles_and_checkpoint(tmp_path):
     values = request_values(["prompt", "negative_prompt", "steps", "seed", "seed_resize_from_w", "hr_prompt"],
                             ["a cat", "", 4.0, None, 0, None])
-    req = build_request("txt2img", values, styles=db, style_names=["oil"], checkpoint="mine [abc]", builtin=False)
+    req = build_request("txt2img", values, style_names=["oil"], checkpoint="mine [abc]", builtin=False)
     assert isinstance(req, GenerationRequest)
-    assert (req.prompt, req.negative_prompt) == ("a cat, oil painting", "photo")
+    assert (req.prompt, req.negative_prompt, req.styles) == ("a cat", "", ["oil"])  # the gate applies them
     assert req.steps == 4 and req.seed == -1 and req.seed_resize_from_w == -1 and req.checkpoint == "mine [abc]"
-    assert build_request("txt2img", values, styles=db, style_names=[], checkpoint="x", builtin=True).checkpoint is None
+    assert build_request("txt2img", values, style_names=[], checkpoint="x", builtin=True).checkpoint is None
+
+
+def test_styles_apply_the_same_way_from_every_entry_point(tmp_path):
+    from modules.gate import Gate, RequestLimits
+    from modules.request import RequestError
+
+    db = styles.StyleDatabase(tmp_path / "styles.csv")
+    db.save(styles.PromptStyle("oil", "{prompt}, oil painting", "photo"))
+    gate = Gate(RequestLimits(), None, db)
+    page = build_request("txt2img", request_values(["prompt", "hr_prompt"], ["a cat", "a big cat"]),
+                         style_names=["oil"], checkpoint=None, builtin=True)
+    native = GenerationRequest(prompt="a cat", hr_prompt="a big cat", styles=["oil"])  # what /api/v1/jobs builds
+    for request in (page, native):
+        styled = gate.admit(request)
+        assert (styled.prompt, styled.negative_prompt) == ("a cat, oil painting", "photo")
+        assert styled.hr_prompt == "a big cat, oil painting" and styled.hr_negative_prompt == ""
+        assert styled.styles == ["oil"]
+    with pytest.raises(RequestError, match="Style 'nope'") as refused:
+        gate.admit(GenerationRequest(prompt="x", styles=["nope"]))
+    assert refused.value.field == ("styles",)
 
 
 # -- token counter -------------------------------------------------------------------------------------------------

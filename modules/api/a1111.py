@@ -190,18 +190,7 @@ def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiC
 
     values: dict[str, Any] = {k: v for k, v in dumped.items()
                               if k in model_fields and k not in _SPECIAL_FIELDS and v is not None}
-    if body.styles:
-        # A1111 applies styles to the prompts before generating; the infotext shows the styled prompts
-        try:
-            values["prompt"], values["negative_prompt"] = context.styles.apply(
-                body.styles, body.prompt, body.negative_prompt)
-            hr_styled = context.styles.apply(body.styles, values.get("hr_prompt") or "",
-                                             values.get("hr_negative_prompt") or "")
-            for index, name in enumerate(("hr_prompt", "hr_negative_prompt")):
-                if values.get(name):  # an empty one means "the (styled) first-pass prompt"
-                    values[name] = hr_styled[index]
-        except ValueError as exc:
-            raise invalid("styles", f"{exc}; GET {PREFIX}/prompt-styles lists the styles") from None
+    # styles are applied by the request gate, the same way for every entry point
     values.update(kind=kind, sampler_name=sampler_name, scheduler=body.scheduler or "Automatic",
                   styles=list(body.styles or []), override_settings=overrides, save_images=body.save_images)
     if "save_grid" in model_fields:

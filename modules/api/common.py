@@ -54,16 +54,11 @@ class ApiContext:
     auth: AuthConfig
     limits: RequestLimits
     providers: ApiProviders
-    _styles: Any = None
 
     @property
     def styles(self) -> Any:
-        """styles.csv in the data dir (the page's StyleDatabase), opened on first use."""
-        if self._styles is None:
-            from modules.ui.styles import StyleDatabase
-
-            self._styles = StyleDatabase(Path(self.app.paths.data_dir) / "styles.csv")
-        return self._styles
+        """styles.csv in the data dir: the App's one StyleDatabase (the page and the gate use it too)."""
+        return self.app.styles
 
     @classmethod
     def for_app(cls, app: Any) -> "ApiContext":

@@ -32,7 +32,6 @@ from modules.ui.results import Shown, wire_results
 from modules.ui.settings import (build_quicksettings, build_settings_tab, builtin_notice, checkpoint_choices,
                                  connect_quicksettings, connect_settings, current_checkpoint, current_values,
                                  vae_choices)
-from modules.ui.styles import StyleDatabase
 from modules.ui.theme import CSS, page_script, ui_theme
 from modules.ui.tokens import TokenCounter
 from modules.ui.txt2img import build_txt2img_tab
@@ -54,10 +53,6 @@ def _optional_ui_module(name: str):
         if exc.name == f"modules.ui.{name}":
             return None
         raise
-
-
-def styles_path(app: Any) -> Path:
-    return Path(app.paths.data_dir) / "styles.csv"
 
 
 def _extension_tabs(app: Any) -> list:
@@ -85,7 +80,7 @@ def _image_value(target: Any, path: str) -> Any:
 
 def build_ui(app: Any) -> gr.Blocks:
     """The whole page for this App."""
-    shared = UiShared(app=app, styles=StyleDatabase(styles_path(app)),
+    shared = UiShared(app=app, styles=app.styles,
                       token_counter=TokenCounter(app.models, app.opts))
     img2img_ui = _optional_ui_module("img2img")
     has_img2img = img2img_ui is not None and hasattr(img2img_ui, "build_img2img_tab")

@@ -85,7 +85,7 @@ class UiShared:
     - `checkpoint`: the quicksettings checkpoint dropdown; its value goes with each request.
     - `tab_handles`: generation tabs by name, for "send to" and paste.
     - `pnginfo_image`: the PNG Info tab's image input (filled by "send to PNG Info").
-    - `styles`: the styles database (modules.ui.styles.StyleDatabase).
+    - `styles`: the styles database (modules.styles.StyleDatabase).
     - `token_counter`: callable(text, steps, styles, is_positive) -> "count/75k" text.
     - `generation_tabs`: every GenerationTab whose Generate is connected (connect_generate registers it), so
       build_ui can wire styles and send-to buttons for all of them at the end.

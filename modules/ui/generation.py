@@ -19,7 +19,7 @@ from modules.ui import paste as paste_mod
 from modules.ui.common import (CLEAR_SYMBOL, PASTE_SYMBOL, PRIVATE, RANDOM_SYMBOL, REUSE_SYMBOL, SWAP_SYMBOL,
                                UiShared, notice_html, owner_of, symbol_button, toast, validation_message)
 from modules.ui.results import ResultsPanel, Shown, generate_stream, own_job
-from modules.ui.styles import PromptStyle, apply_styles
+from modules.styles import PromptStyle, apply_styles
 
 APPLY_STYLE_SYMBOL = "\u21b5"  # return arrow: "apply the styles into the prompt"
 EDIT_STYLE_SYMBOL = "\u270e"  # pencil
@@ -222,14 +222,12 @@ def request_values(names: list[str], values: list[Any]) -> dict[str, Any]:
     return out
 
 
-def build_request(kind: str, values: dict[str, Any], *, styles: Any, style_names: list[str],
-                  checkpoint: str | None, builtin: bool) -> GenerationRequest:
-    """The request for these control values; styles are applied into the prompts here (what A1111 saves in the
-    infotext is the prompt with its styles applied). Raises ValueError or pydantic's ValidationError."""
+def build_request(kind: str, values: dict[str, Any], *, style_names: list[str], checkpoint: str | None,
+                  builtin: bool) -> GenerationRequest:
+    """The request for these control values, naming the chosen styles (the request gate applies them, as for
+    the APIs, so the infotext shows the styled prompts). Raises ValueError or pydantic's ValidationError."""
     values = dict(values)
-    if style_names:
-        values["prompt"], values["negative_prompt"] = styles.apply(
-            style_names, values.get("prompt") or "", values.get("negative_prompt") or "")
+    values["styles"] = list(style_names or [])
     values["prompt"] = values.get("prompt") or ""
     values["negative_prompt"] = values.get("negative_prompt") or ""
     if checkpoint and not builtin:
@@ -265,7 +263,7 @@ def connect_generate(app: Any, shared: UiShared, tab: GenerationTab,
         try:
             if adjust is not None:
                 values = adjust(values, extra_values)
-            req = build_request(tab.kind, values, styles=shared.styles, style_names=style_names or [],
+            req = build_request(tab.kind, values, style_names=style_names or [],
                                 checkpoint=checkpoint, builtin=app.models.is_builtin)
         except ValidationError as exc:
             message = validation_message(exc)

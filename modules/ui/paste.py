@@ -157,7 +157,7 @@ def paste_values(text: str, fields: Sequence[tuple[str, Source]], *, wanted: Seq
     the prompts as A1111's "Apply if any" does; `skip` names fields to leave alone (e.g. seed when the
     "send seed" option is off).
     """
-    from modules.ui.styles import extract_styles
+    from modules.styles import extract_styles
 
     params = infotext.parse_generation_parameters(text or "")
     result = PasteResult()
