@@ -39,7 +39,6 @@ TXT2IMG_VARIANTS = {
     "not_square": {"width": 64, "height": 128},
     "with_hrfix": {"enable_hr": True},
     "tiling": {"tiling": True},
-    "restore_faces": {"restore_faces": True},  # no face restorer yet: served without one
     "sampler_PLMS": {"sampler_index": "PLMS"},
     "sampler_DDIM": {"sampler_index": "DDIM"},
     "sampler_UniPC": {"sampler_index": "UniPC"},
@@ -99,3 +98,18 @@ def test_a1111_img2img_payloads(base, variant):
     assert response.status_code == 200, response.text
     image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
     assert image.size == ((128, 128) if variant == "sd_upscale" else (64, 64))
+
+
+def test_fields_athanor_cannot_honour_are_refused_not_dropped(base):
+    # A1111's own restore_faces example: there is no face restorer here, so say so instead of ignoring it
+    faces = requests.post(f"{base}/txt2img", json=dict(TXT2IMG, restore_faces=True), timeout=60)
+    assert faces.status_code == 422 and faces.json()["detail"][0]["loc"] == ["body", "restore_faces"]
+    assert "no face restorer is installed" in faces.json()["errors"]
+    refiner = requests.post(f"{base}/txt2img", json=dict(TXT2IMG, refiner_checkpoint="sdxl_refiner"), timeout=60)
+    assert refiner.status_code == 422 and refiner.json()["detail"][0]["loc"] == ["body", "refiner_checkpoint"]
+    other = requests.post(f"{base}/txt2img", json=dict(TXT2IMG, enable_hr=True, hr_checkpoint_name="other.safetensors"),
+                          timeout=60)
+    assert other.status_code == 422 and other.json()["detail"][0]["loc"] == ["body", "hr_checkpoint_name"]
+    same = requests.post(f"{base}/txt2img", json=dict(TXT2IMG, enable_hr=True, hr_checkpoint_name="Use same checkpoint"),
+                         timeout=300)
+    assert same.status_code == 200, same.text

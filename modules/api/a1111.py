@@ -166,6 +166,27 @@ def img2img_available() -> bool:
     return hasattr(processing, "process_img2img") and "init_images" in GenerationRequest.model_fields
 
 
+def check_unsupported(body: A1111ProcessingBase, context: ApiContext) -> None:
+    """422 for an A1111 field asking for something Athanor cannot do, rather than dropping it silently."""
+    if body.restore_faces:
+        restorers = list(context.providers.face_restorers())
+        raise invalid("restore_faces", "face restoration is not available: no face restorer is installed"
+                      if not restorers else "face restoration is not supported by this server yet"
+                      f" (GET {PREFIX}/face-restorers lists {len(restorers)}); send restore_faces: false")
+    if body.refiner_checkpoint and body.refiner_checkpoint.strip() not in ("", "None"):
+        raise invalid("refiner_checkpoint", "the SDXL refiner is not supported yet; leave refiner_checkpoint empty")
+    hires_checkpoint = getattr(body, "hr_checkpoint_name", None)
+    if getattr(body, "enable_hr", False) and hires_checkpoint and hires_checkpoint not in _SAME_AS_FIRST_PASS:
+        registry = context.app.registry
+        wanted = registry.find_checkpoint(hires_checkpoint)
+        first = (body.override_settings or {}).get("sd_model_checkpoint") or context.app.opts.get("sd_model_checkpoint")
+        active = context.app.models.active
+        first_info = registry.find_checkpoint(first) if first else (active.info if active is not None else None)
+        if wanted is None or first_info is None or wanted.title != first_info.title:
+            raise invalid("hr_checkpoint_name", "a different checkpoint for the hires. fix pass is not supported yet; "
+                                                "send \"Use same checkpoint\"")
+
+
 def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiContext):
     """An A1111 API request -> GenerationRequest, or a 4xx naming the field."""
     from modules.request import GenerationRequest
@@ -173,6 +194,7 @@ def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiC
     model_fields = GenerationRequest.model_fields
     limits = context.limits
     check_scripts(body, kind == "img2img", list(context.providers.scripts()))
+    check_unsupported(body, context)
 
     sampler_name = body.sampler_name or body.sampler_index
     check_sampler("sampler_name", sampler_name, body.scheduler, body.steps if body.steps >= 1 else None)
