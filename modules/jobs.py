@@ -168,13 +168,6 @@ class JobQueue:
             return True
         return False
 
-    def skip_user(self, owner: str) -> bool:
-        running = self._running
-        if running is not None and running.owner == owner:
-            running.control.skip()
-            return True
-        return False
-
     # -- worker ---------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:

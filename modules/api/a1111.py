@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from modules import samplers
 from modules.api import ScriptEntry
-from modules.gate import check_sampler  # a RequestError becomes a 422 naming the field
-from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, current_job_of, decode_upload,
+from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, check_override_settings,
+                                current_job_of, decode_upload,
                                 dumps_info, encode_png_base64, invalid, raise_pydantic, submit, wait_for_job)
 from modules.api.models import (A1111ProcessingBase, Img2ImgRequest, ImagesResponse, PngInfoRequest,
                                 PngInfoResponse, ProgressResponse, ProgressState, ScriptsList, Txt2ImgRequest)
@@ -132,40 +132,6 @@ def check_scripts(body: A1111ProcessingBase, is_img2img: bool, scripts: list[Scr
             raise invalid(("alwayson_scripts", name), 'expected {"args": [...]} or {"args": {name: value}}')
 
 
-def check_override_settings(context: ApiContext, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Coerced overrides; 403 for settings the API may not set, 422 for unknown ones or bad values."""
-    app = context.app
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        try:
-            out.update(app.opts.validate({key: value}, is_api=True))
-        except PermissionError as exc:
-            raise ApiError(403, str(exc), error="Forbidden") from None
-        except ValueError as exc:
-            raise invalid(("override_settings", key), str(exc)) from None
-    checkpoint = out.get("sd_model_checkpoint")
-    if checkpoint:
-        info = app.registry.find_checkpoint(checkpoint)
-        if info is None:
-            app.registry.refresh()
-            info = app.registry.find_checkpoint(checkpoint)
-        if info is None:
-            raise invalid(("override_settings", "sd_model_checkpoint"), f"Checkpoint {checkpoint!r} not found; "
-                          f"GET {PREFIX}/sd-models lists the titles")
-        out["sd_model_checkpoint"] = info.title
-    vae = out.get("sd_vae")
-    if vae and vae not in ("Automatic", "None") and app.registry.find_vae(vae) is None:
-        raise invalid(("override_settings", "sd_vae"), f"VAE {vae!r} not found; GET {PREFIX}/sd-vae lists them")
-    return out
-
-
-def img2img_available() -> bool:
-    from modules import processing
-    from modules.request import GenerationRequest
-
-    return hasattr(processing, "process_img2img") and "init_images" in GenerationRequest.model_fields
-
-
 def check_unsupported(body: A1111ProcessingBase, context: ApiContext) -> None:
     """422 for an A1111 field asking for something Athanor cannot do, rather than dropping it silently."""
     if body.restore_faces:
@@ -196,17 +162,7 @@ def build_generation_request(body: A1111ProcessingBase, kind: str, context: ApiC
     check_scripts(body, kind == "img2img", list(context.providers.scripts()))
     check_unsupported(body, context)
 
-    sampler_name = body.sampler_name or body.sampler_index
-    check_sampler("sampler_name", sampler_name, body.scheduler, body.steps if body.steps >= 1 else None)
-    hr_sampler = getattr(body, "hr_sampler_name", None)
-    if getattr(body, "enable_hr", False):
-        hr_steps = getattr(body, "hr_second_pass_steps", 0) or body.steps
-        use_same = not hr_sampler or hr_sampler in _SAME_AS_FIRST_PASS
-        hr_schedule = getattr(body, "hr_scheduler", None)
-        check_sampler("hr_sampler_name", sampler_name if use_same else hr_sampler,
-                      body.scheduler if not hr_schedule or hr_schedule in _SAME_AS_FIRST_PASS else hr_schedule,
-                      hr_steps if hr_steps >= 1 else None, steps_field="hr_second_pass_steps")
-
+    sampler_name = body.sampler_name or body.sampler_index  # sampler, schedule and steps: the request gate
     dumped = body.model_dump()
     overrides = check_override_settings(context, body.override_settings or {})
 
@@ -297,8 +253,6 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
         inpaint_full_res True, inpaint_full_res_padding 0)."""
         if not body.init_images:
             raise invalid("init_images", "at least one init image is required")
-        if not img2img_available():
-            raise ApiError(501, "img2img is not available in this build yet", error="NotImplemented")
         return await generate(body, "img2img", who)
 
     @server.get(f"{PREFIX}/progress", response_model=ProgressResponse, tags=tags)

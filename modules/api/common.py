@@ -315,6 +315,33 @@ async def wait_for_job(job: Any, *, poll_from: float = 0.005, poll_to: float = 0
         delay = min(delay * 1.5, poll_to)
 
 
+def check_override_settings(context: ApiContext, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Coerced overrides; 403 for settings the API may not set, 422 for unknown ones or bad values."""
+    app = context.app
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        try:
+            out.update(app.opts.validate({key: value}, is_api=True))
+        except PermissionError as exc:
+            raise ApiError(403, str(exc), error="Forbidden") from None
+        except ValueError as exc:
+            raise invalid(("override_settings", key), str(exc)) from None
+    checkpoint = out.get("sd_model_checkpoint")
+    if checkpoint:
+        info = app.registry.find_checkpoint(checkpoint)
+        if info is None:
+            app.registry.refresh()
+            info = app.registry.find_checkpoint(checkpoint)
+        if info is None:
+            raise invalid(("override_settings", "sd_model_checkpoint"), f"Checkpoint {checkpoint!r} not found; "
+                          f"GET /sdapi/v1/sd-models lists the titles")
+        out["sd_model_checkpoint"] = info.title
+    vae = out.get("sd_vae")
+    if vae and vae not in ("Automatic", "None") and app.registry.find_vae(vae) is None:
+        raise invalid(("override_settings", "sd_vae"), f"VAE {vae!r} not found; GET /sdapi/v1/sd-vae lists them")
+    return out
+
+
 def submit(context: ApiContext, request: Any, caller: Caller) -> Any:
     from modules.jobs import QueueFullError
 

@@ -17,7 +17,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, decode_upload, encode_png_base64,
+from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, check_override_settings,
+                                decode_upload, encode_png_base64,
                                 invalid, raise_pydantic, safe_output_path, submit, visible_job)
 from modules.api.models import JobResult, JobStatus, JobSubmitted
 
@@ -30,7 +31,6 @@ _IMAGE_FIELDS = ("mask", "latent_mask", "firstpass_image")
 
 def build_native_request(body: dict[str, Any], context: ApiContext):
     """A native job body -> GenerationRequest (422 naming the field when it does not fit)."""
-    from modules.api.a1111 import check_override_settings, check_sampler
     from modules.request import GenerationRequest
 
     if not isinstance(body, dict):
@@ -46,11 +46,6 @@ def build_native_request(body: dict[str, Any], context: ApiContext):
     for name in _IMAGE_FIELDS:
         if values.get(name) is not None:
             values[name] = decode_upload(values[name], name, context.limits)
-    if values.get("kind") == "img2img":
-        from modules.api.a1111 import img2img_available
-
-        if not img2img_available():
-            raise ApiError(501, "img2img is not available in this build yet", error="NotImplemented")
     unknown = sorted(set(values) - set(model_fields))
     if unknown:
         raise invalid(unknown[0], "unknown field (GET /openapi.json shows GenerationRequest's fields)")
@@ -58,15 +53,8 @@ def build_native_request(body: dict[str, Any], context: ApiContext):
         request = GenerationRequest(**values)
     except ValidationError as exc:
         raise_pydantic(exc)
-    check_sampler("sampler_name", request.sampler_name, request.scheduler, request.steps)
-    if getattr(request, "enable_hr", False):
-        check_sampler("hr_sampler_name", request.hr_sampler_name or request.sampler_name,
-                      request.hr_scheduler or request.scheduler, request.hr_second_pass_steps or request.steps,
-                      steps_field="hr_second_pass_steps")
     if getattr(request, "mask", None) is not None and len({im.size for im in request.init_images or ()}) > 1:
         raise invalid("init_images", "with a mask, all init images must have the same size")
-    for name, message in context.limits.violations(request.model_dump(exclude=set(_IMAGE_LIST_FIELDS + _IMAGE_FIELDS))):
-        raise invalid(name, message)
     overrides = check_override_settings(context, dict(request.override_settings))
     if overrides != request.override_settings:
         request = request.model_copy(update={"override_settings": overrides})

@@ -3,18 +3,17 @@
 `build_ui(app)` makes the Blocks; `mount_options(app)` gives what `gr.mount_gradio_app` needs besides auth
 (theme, CSS, the page script, extension assets, the outputs folder the gallery serves files from).
 
-Seams for other parts of the project:
-- `modules/ui/img2img.py`, when present, provides `build_img2img_tab(app, shared: UiShared) -> TabHandle`. It is
-  called inside the top-level gr.Tabs and creates its own `gr.Tab("img2img", id="img2img", elem_id="tab_img2img")`;
-  the returned TabHandle names its fields (for paste and "send to") and the image inputs that "Send to img2img" /
-  "Send to inpaint" fill. The helpers in modules.ui.generation and modules.ui.results build the same controls
-  and results column txt2img has.
+The parts:
+- `modules/ui/img2img.py`'s `build_img2img_tab(app, shared: UiShared) -> TabHandle` is called inside the top-level
+  gr.Tabs and creates its own `gr.Tab("img2img", id="img2img", elem_id="tab_img2img")`; the returned TabHandle
+  names its fields (for paste and "send to") and the image inputs that "Send to img2img" / "Send to inpaint"
+  fill. The helpers in modules.ui.generation and modules.ui.results build the same controls and results column
+  txt2img has.
 - Extension tabs come from the `ui_tabs` hook (modules.hooks.UiTabsParams / UiTab).
 - Extension page assets come from `app.ui_assets() -> (css_text, js_text)` when the App has it.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ import gradio as gr
 
 from modules.ui import paste as paste_mod
 from modules.ui.common import PRIVATE, TabHandle, UiShared, notice_html, owner_of, toast, validation_message
+from modules.ui.img2img import build_img2img_tab
 from modules.ui.extensions_tab import build_extensions_tab, connect_extensions
 from modules.ui.generation import (connect_generate, connect_paste, connect_seed_buttons, connect_styles, connect_swap,
                                    connect_token_counters)
@@ -43,16 +43,6 @@ log = logging.getLogger("athanor.ui")
 # Every infotext key the page knows how to paste (txt2img's and img2img's); a tab takes the names it has.
 ALL_PASTE_FIELDS = paste_mod.TXT2IMG_FIELDS + tuple(
     item for item in paste_mod.IMG2IMG_FIELDS if item[0] not in {n for n, _ in paste_mod.TXT2IMG_FIELDS})
-
-
-def _optional_ui_module(name: str):
-    """A tab module another part of the project may not have written yet."""
-    try:
-        return importlib.import_module(f"modules.ui.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"modules.ui.{name}":
-            return None
-        raise
 
 
 def _extension_tabs(app: Any) -> list:
@@ -82,8 +72,6 @@ def build_ui(app: Any) -> gr.Blocks:
     """The whole page for this App."""
     shared = UiShared(app=app, styles=app.styles,
                       token_counter=TokenCounter(app.models, app.opts))
-    img2img_ui = _optional_ui_module("img2img")
-    has_img2img = img2img_ui is not None and hasattr(img2img_ui, "build_img2img_tab")
 
     with gr.Blocks(title="Athanor", analytics_enabled=False) as demo:
         qs = build_quicksettings(app)
@@ -95,10 +83,8 @@ def build_ui(app: Any) -> gr.Blocks:
             shared.tabs = tabs
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 t2i, swap = build_txt2img_tab(app, shared)
-            if has_img2img:
-                handle = img2img_ui.build_img2img_tab(app, shared)
-                if isinstance(handle, TabHandle):
-                    shared.tab_handles.setdefault(handle.name, handle)
+            handle = build_img2img_tab(app, shared)
+            shared.tab_handles.setdefault(handle.name, handle)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = build_pnginfo_tab(("txt2img", "img2img", "inpaint"))
             shared.pnginfo_image = png.image

@@ -27,11 +27,6 @@ EDIT_STYLE_SYMBOL = "\u270e"  # pencil
 REQUEST_FIELDS = frozenset(GenerationRequest.model_fields)
 
 
-def has_field(name: str) -> bool:
-    """Whether the backend's request model has this field (the UI shows only what the backend can do)."""
-    return name in REQUEST_FIELDS
-
-
 def field_default(name: str, fallback: Any = None) -> Any:
     info = GenerationRequest.model_fields.get(name)
     if info is None or info.default is None or info.is_required():
@@ -199,8 +194,7 @@ def build_seed_panel(tabname: str, fields: dict[str, Any], ui_fields: dict[str, 
 
 
 def build_clip_skip(tabname: str, fields: dict[str, Any]) -> None:
-    if has_field("clip_skip"):
-        fields["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{tabname}_clip_skip")
+    fields["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{tabname}_clip_skip")
 
 
 # -- building the request -------------------------------------------------------------------------------------
@@ -232,8 +226,7 @@ def build_request(kind: str, values: dict[str, Any], *, style_names: list[str], 
     values["negative_prompt"] = values.get("negative_prompt") or ""
     if checkpoint and not builtin:
         values["checkpoint"] = checkpoint
-    if kind != "txt2img" or has_field("kind"):
-        values.setdefault("kind", kind)
+    values.setdefault("kind", kind)
     return GenerationRequest(**{k: v for k, v in values.items() if k in REQUEST_FIELDS})
 
 

@@ -10,13 +10,13 @@ from modules import samplers
 from modules.request import GenerationRequest
 from modules.ui.common import TabHandle, UiShared
 from modules.ui.generation import (GenerationTab, build_cfg, build_clip_skip, build_prompt_area, build_sampler_controls,
-                                   build_seed_panel, build_size_and_batch, field_default, has_field)
+                                   build_seed_panel, build_size_and_batch, field_default)
 from modules.ui.results import build_results
 
 # A1111's hires upscalers that need no model file; used when the request model does not list its own.
 DEFAULT_HR_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                         "Latent (nearest)", "Latent (nearest-exact)", "Lanczos", "Nearest")
-USE_SAME_CHECKPOINT, USE_SAME_SAMPLER, USE_SAME_SCHEDULER = "Use same checkpoint", "Use same sampler", "Use same scheduler"
+USE_SAME_SAMPLER, USE_SAME_SCHEDULER = "Use same sampler", "Use same scheduler"
 
 
 def _literal_choices(name: str) -> tuple[str, ...] | None:
@@ -43,55 +43,39 @@ def hr_upscaler_choices(app: Any) -> list[str]:
     return list(_literal_choices("hr_upscaler") or DEFAULT_HR_UPSCALERS)
 
 
-def build_hires_panel(app: Any, tabname: str, fields: dict[str, Any], checkpoint_titles: list[str]) -> None:
-    """Hires. fix, shown only when the backend's request model has `enable_hr` (each control only if its field exists)."""
-    if not has_field("enable_hr"):
-        return
+def build_hires_panel(app: Any, tabname: str, fields: dict[str, Any]) -> None:
+    """The Hires. fix accordion (A1111's controls and element ids)."""
     with gr.Accordion("Hires. fix", open=False, elem_id=f"{tabname}_hr"):
         fields["enable_hr"] = gr.Checkbox(False, label="Enable hires. fix", elem_id=f"{tabname}_enable_hr")
         with gr.Row(elem_id=f"{tabname}_hires_fix_row1"):
-            if has_field("hr_upscaler"):
-                choices = hr_upscaler_choices(app)
-                fields["hr_upscaler"] = gr.Dropdown(choices, value=field_default("hr_upscaler", choices[0]),
-                                                    label="Upscaler", elem_id=f"{tabname}_hr_upscaler")
-            if has_field("hr_second_pass_steps"):
-                fields["hr_second_pass_steps"] = gr.Slider(0, 150, value=field_default("hr_second_pass_steps", 0),
-                                                           step=1, label="Hires steps", elem_id=f"{tabname}_hires_steps")
-            if has_field("denoising_strength"):
-                fields["denoising_strength"] = gr.Slider(0, 1, value=field_default("denoising_strength", 0.7) or 0.7,
-                                                         step=0.01, label="Denoising strength",
-                                                         elem_id=f"{tabname}_denoising_strength")
+            choices = hr_upscaler_choices(app)
+            fields["hr_upscaler"] = gr.Dropdown(choices, value=field_default("hr_upscaler", choices[0]),
+                                                label="Upscaler", elem_id=f"{tabname}_hr_upscaler")
+            fields["hr_second_pass_steps"] = gr.Slider(0, 150, value=field_default("hr_second_pass_steps", 0),
+                                                       step=1, label="Hires steps", elem_id=f"{tabname}_hires_steps")
+            fields["denoising_strength"] = gr.Slider(0, 1, value=field_default("denoising_strength", 0.7) or 0.7,
+                                                     step=0.01, label="Denoising strength",
+                                                     elem_id=f"{tabname}_denoising_strength")
         with gr.Row(elem_id=f"{tabname}_hires_fix_row2"):
-            if has_field("hr_scale"):
-                fields["hr_scale"] = gr.Slider(1, 4, value=field_default("hr_scale", 2.0), step=0.05,
-                                               label="Upscale by", elem_id=f"{tabname}_hr_scale")
-            if has_field("hr_resize_x"):
-                fields["hr_resize_x"] = gr.Slider(0, 2048, value=field_default("hr_resize_x", 0), step=8,
-                                                  label="Resize width to", elem_id=f"{tabname}_hr_resize_x")
-            if has_field("hr_resize_y"):
-                fields["hr_resize_y"] = gr.Slider(0, 2048, value=field_default("hr_resize_y", 0), step=8,
-                                                  label="Resize height to", elem_id=f"{tabname}_hr_resize_y")
+            fields["hr_scale"] = gr.Slider(1, 4, value=field_default("hr_scale", 2.0), step=0.05,
+                                           label="Upscale by", elem_id=f"{tabname}_hr_scale")
+            fields["hr_resize_x"] = gr.Slider(0, 2048, value=field_default("hr_resize_x", 0), step=8,
+                                              label="Resize width to", elem_id=f"{tabname}_hr_resize_x")
+            fields["hr_resize_y"] = gr.Slider(0, 2048, value=field_default("hr_resize_y", 0), step=8,
+                                              label="Resize height to", elem_id=f"{tabname}_hr_resize_y")
         with gr.Row(elem_id=f"{tabname}_hires_fix_row3"):
-            if has_field("hr_checkpoint_name"):
-                fields["hr_checkpoint_name"] = gr.Dropdown([USE_SAME_CHECKPOINT] + checkpoint_titles,
-                                                           value=USE_SAME_CHECKPOINT, label="Hires checkpoint",
-                                                           elem_id="hr_checkpoint")
-            if has_field("hr_sampler_name"):
-                fields["hr_sampler_name"] = gr.Dropdown([USE_SAME_SAMPLER] + [s.name for s in samplers.SAMPLERS],
-                                                        value=USE_SAME_SAMPLER, label="Hires sampling method",
-                                                        elem_id="hr_sampler")
-            if has_field("hr_scheduler"):
-                fields["hr_scheduler"] = gr.Dropdown([USE_SAME_SCHEDULER] + [s.label for s in samplers.SCHEDULE_TYPES],
-                                                     value=USE_SAME_SCHEDULER, label="Hires schedule type",
-                                                     elem_id="hr_scheduler")
+            fields["hr_sampler_name"] = gr.Dropdown([USE_SAME_SAMPLER] + [s.name for s in samplers.SAMPLERS],
+                                                    value=USE_SAME_SAMPLER, label="Hires sampling method",
+                                                    elem_id="hr_sampler")
+            fields["hr_scheduler"] = gr.Dropdown([USE_SAME_SCHEDULER] + [s.label for s in samplers.SCHEDULE_TYPES],
+                                                 value=USE_SAME_SCHEDULER, label="Hires schedule type",
+                                                 elem_id="hr_scheduler")
         with gr.Row(elem_id=f"{tabname}_hires_fix_row4"):
-            if has_field("hr_prompt"):
-                fields["hr_prompt"] = gr.Textbox(label="Hires prompt", lines=2, elem_id="hires_prompt",
-                                                 placeholder="Leave empty to use the same prompt as in the first pass.")
-            if has_field("hr_negative_prompt"):
-                fields["hr_negative_prompt"] = gr.Textbox(label="Hires negative prompt", lines=2,
-                                                          elem_id="hires_neg_prompt",
-                                                          placeholder="Leave empty to use the same negative prompt.")
+            fields["hr_prompt"] = gr.Textbox(label="Hires prompt", lines=2, elem_id="hires_prompt",
+                                             placeholder="Leave empty to use the same prompt as in the first pass.")
+            fields["hr_negative_prompt"] = gr.Textbox(label="Hires negative prompt", lines=2,
+                                                      elem_id="hires_neg_prompt",
+                                                      placeholder="Leave empty to use the same negative prompt.")
 
 
 def build_txt2img_tab(app: Any, shared: UiShared) -> tuple[GenerationTab, Any]:
@@ -103,7 +87,7 @@ def build_txt2img_tab(app: Any, shared: UiShared) -> tuple[GenerationTab, Any]:
     with gr.Row(elem_id="txt2img_extra_tabs", equal_height=False):
         with gr.Column(scale=1, min_width=320, elem_id="txt2img_settings"):
             build_sampler_controls("txt2img", fields)
-            build_hires_panel(app, "txt2img", fields, [c.title for c in app.registry.checkpoints])
+            build_hires_panel(app, "txt2img", fields)
             swap = build_size_and_batch("txt2img", fields)
             build_cfg("txt2img", fields)
             seed = build_seed_panel("txt2img", fields, ui_fields)
