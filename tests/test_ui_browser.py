@@ -51,7 +51,9 @@ def server(tmp_path_factory):
     (ckpt_dir / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      not a model")
     (data / "styles.csv").write_text(f'name,prompt,negative_prompt\n{STYLE_NAME},"{STYLE_PROMPT}",{STYLE_NEGATIVE}\n',
                                      encoding="utf-8")
-    proc, port, log = start_app(data, "--ckpt", "tiny.safetensors")
+    # the request limits the page must obey like the API (the long job below is 256x256, 20 images)
+    proc, port, log = start_app(data, "--ckpt", "tiny.safetensors", "--max-pixels", str(256 * 256),
+                                "--max-images", "20")
     try:
         wait_for(port, proc, log)
         yield Server(data, port, proc, log)
@@ -454,3 +456,19 @@ def test_selecting_an_image_shows_its_own_infotext_and_seed(page, server):
     set_number(page, "txt2img_seed", -1)
     page.click("#txt2img_reuse_seed")
     page.wait_for_function("document.querySelector('#txt2img_seed input').value === '4243'")
+
+
+def test_a_request_over_the_servers_limits_is_refused_in_the_page_and_never_queued(page, server):
+    before = len(server.saved_images())
+    small_job(page, "too big")
+    set_number(page, "txt2img_width", 512)
+    set_number(page, "txt2img_height", 512)
+    page.click("#txt2img_generate")
+    page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('65536 pixels')")
+    message = page.locator("#txt2img_progress").inner_text()
+    assert "width" in message and "512x512" in message
+    time.sleep(1.0)
+    assert len(server.saved_images()) == before  # nothing ran
+    small_job(page, "fits")  # the page still works, and the next request runs
+    page.click("#txt2img_generate")
+    assert "Done" in wait_status(page, "done")
