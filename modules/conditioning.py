@@ -226,7 +226,8 @@ class PromptEncoder:
         if slot.mode == "penultimate":
             z = out.hidden_states[-2]
         elif slot.mode == "sd1" and clip_skip > 1:
-            z = encoder.final_layer_norm(out.hidden_states[-clip_skip])
+            # a clip skip deeper than the encoder (12 on a 2-layer model) stops at its first layer's output
+            z = encoder.final_layer_norm(out.hidden_states[-min(clip_skip, len(out.hidden_states) - 1)])
         else:
             z = out.last_hidden_state
         pooled = getattr(out, "text_embeds", None) if slot.pooled else None

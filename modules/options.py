@@ -106,9 +106,11 @@ def _coerce(key: str, info: OptionInfo, value: Any) -> Any:
                 raise ValueError
         elif isinstance(default, float):
             out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise ValueError
         else:
             out = str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
         raise ValueError(f"Setting {key!r} expects a {type(default).__name__}, got {value!r}") from None
     if isinstance(out, (int, float)) and not isinstance(out, bool):
         if (info.minimum is not None and out < info.minimum) or (info.maximum is not None and out > info.maximum):

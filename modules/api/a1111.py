@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from modules import samplers
 from modules.api import ScriptEntry
-from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, check_override_settings,
+from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, check_override_settings, json_safe,
                                 current_job_of, decode_upload,
                                 dumps_info, encode_png_base64, invalid, raise_pydantic, submit, wait_for_job)
 from modules.api.models import (A1111ProcessingBase, Img2ImgRequest, ImagesResponse, PngInfoRequest,
@@ -236,7 +236,7 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
         request = await run_in_threadpool(build_generation_request, body, kind, context)
         job = submit(context, request, who)
         await wait_for_job(job)
-        echo = body.model_dump()
+        echo = json_safe(body.model_dump())  # a lone surrogate in a free-form field must not break the answer
         if kind == "img2img" and not getattr(body, "include_init_images", False):
             echo["init_images"] = None
             echo["mask"] = None

@@ -104,7 +104,7 @@ def _loc_text(loc: Iterable[Any]) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """`value` with what JSON (as UTF-8, without NaN) cannot carry made printable: lone surrogates (a client
     may send "\\ud800" and see it quoted back in a message) become backslash escapes, non-finite floats
     their names. Without this the error response itself would fail to render: a 500 for bad input."""
@@ -117,9 +117,9 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -127,7 +127,7 @@ def error_response(status: int, error: str, detail: Any, errors: str | None = No
                    headers: dict[str, str] | None = None) -> JSONResponse:
     content = {"error": error, "detail": detail, "body": "",
                "errors": errors if errors is not None else (detail if isinstance(detail, str) else str(detail))}
-    return JSONResponse(status_code=status, content=_json_safe(jsonable_encoder(content)), headers=headers)
+    return JSONResponse(status_code=status, content=json_safe(jsonable_encoder(content)), headers=headers)
 
 
 def validation_details(errors: Iterable[dict]) -> list[dict[str, Any]]:

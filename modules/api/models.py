@@ -12,6 +12,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_NESTING = 32  # script_args, override_settings, comments: deeper is no real client, and cannot be echoed back
+
+
+def _depth(value: Any, limit: int = MAX_NESTING + 1) -> int:
+    """How deeply lists and objects nest in `value` (counting stops past `limit`)."""
+    if limit <= 0 or not isinstance(value, (list, dict)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(item, limit - 1) for item in items), default=0)
+
+
 _A1111_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
 
 
@@ -25,6 +36,9 @@ class A1111ProcessingBase(BaseModel):
     def _null_means_default(cls, data: Any) -> Any:
         # A1111's API fields are all Optional: a client sending null gets the default
         if isinstance(data, dict):
+            deepest = max((_depth(v) for v in data.values()), default=0)
+            if deepest > MAX_NESTING:
+                raise ValueError(f"the request nests lists or objects {deepest} levels deep; at most {MAX_NESTING}")
             return {k: v for k, v in data.items() if v is not None}
         return data
 
