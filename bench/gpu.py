@@ -57,8 +57,9 @@ def main() -> None:
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+    from modules.model_manager import ModelRef
     from modules.options import Options
-    from modules.processing import ModelRef, ProcessingContext, process_txt2img
+    from modules.processing import ProcessingContext, process_txt2img
     from modules.request import GenerationRequest
 
     device = torch.device(args.device)

@@ -33,8 +33,9 @@ def main() -> None:
 
     from modules import model_loader, tiny_models
     from modules.jobs import JobQueue
+    from modules.model_manager import ModelRef
     from modules.options import Options
-    from modules.processing import ModelRef, ProcessingContext, process_txt2img
+    from modules.processing import ProcessingContext, process_txt2img
     from modules.request import GenerationRequest
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -153,8 +153,9 @@ def backend_generation(steps: int, size: int) -> Callable[[], tuple[float, float
 
     from modules import model_loader, tiny_models
     from modules.jobs import JobQueue
+    from modules.model_manager import ModelRef
     from modules.options import Options
-    from modules.processing import ModelRef, ProcessingContext, process_txt2img
+    from modules.processing import ProcessingContext, process_txt2img
     from modules.request import GenerationRequest
 
     tmp = Path(tempfile.mkdtemp(prefix="athanor-bench-"))

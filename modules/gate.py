@@ -80,7 +80,7 @@ class RequestLimits:
             name = "width" if width < self.min_side else "height"
             out.append((name, f"width and height must be at least {self.min_side} (got {width}x{height})"))
         if fields.get("enable_hr") and width > 0 and height > 0:
-            from modules.processing import hires_target
+            from modules.hires_geometry import hires_target
 
             field = "hr_resize_x" if fields.get("hr_resize_x") or fields.get("hr_resize_y") else "hr_scale"
             target = hires_target(width, height, float(fields.get("hr_scale") or 0),

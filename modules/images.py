@@ -9,6 +9,9 @@ Every file is written atomically: the bytes go to a hidden ``.NNNNN.tmp`` file i
 are fsynced, then renamed over the final name with ``os.replace``, so a file under its final name is
 always complete. The temporary name doubles as a reservation of the counter (created with O_EXCL),
 so any number of threads or processes can save into one folder without sharing a number.
+
+Generated images (processing's samples and grids, the grids and results scripts assemble) reach disk through
+one function, `save_output`: the same hooks, the same `enable_pnginfo` rule, the same folders.
 """
 from __future__ import annotations
 
@@ -22,16 +25,19 @@ import os
 import re
 import string
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from modules.hooks import BeforeImageSavedParams, HookRegistry, ImageSavedParams
 from modules.infotext import infotext_to_exif, infotext_to_png_info
 
 __all__ = [
     "DEFAULT_QUALITY",
     "GRID_BASENAME",
+    "SavedOutput",
     "TEMP_SUFFIX",
     "apply_filename_pattern",
     "date_folder",
@@ -44,6 +50,7 @@ __all__ = [
     "sanitize_filename_part",
     "save_grid",
     "save_image",
+    "save_output",
 ]
 
 DEFAULT_QUALITY = 80  # A1111's jpeg_quality default, also used for WEBP and AVIF
@@ -485,3 +492,49 @@ def save_grid(
     """Save a grid as ``grid-NNNN.<ext>`` in `directory`, A1111's default grid name."""
     return save_image(grid, directory, seed=None, infotext=infotext, extension=extension,
                       basename=GRID_BASENAME, quality=quality, lossless=lossless)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated images: the one save path
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SavedOutput:
+    """What was written: the image and infotext as the `before_image_saved` hooks left them, and the file."""
+
+    image: Image.Image
+    infotext: str
+    path: Path
+
+
+def save_output(
+    image: Image.Image,
+    outputs_dir: str | os.PathLike[str],
+    kind: str,
+    *,
+    seed: int,
+    infotext: str,
+    opts: Mapping[str, object],
+    hooks: HookRegistry | None = None,
+    grid: bool = False,
+) -> SavedOutput:
+    """Save one generated image or grid the way every generated file is saved, and return what was written.
+
+    `before_image_saved` hooks may replace the image or edit the infotext first; `image_saved` hooks see the
+    file after. The infotext goes into the file only with the option `enable_pnginfo` on (the hooks get it
+    either way). `kind` is "txt2img" or "img2img": samples go to ``<kind>-images/DATE/NNNNN-<seed>`` in the
+    option `samples_format`, grids (`grid=True`) to ``<kind>-grids/DATE/grid-NNNN.png``. Callers decide
+    whether to save at all (`save_images`, `samples_save`, `grid_save`).
+    """
+    if hooks is not None and hooks.has("before_image_saved"):
+        params = hooks.run("before_image_saved", BeforeImageSavedParams(image, infotext, seed, kind))
+        image, infotext = params.image, params.infotext
+    embedded = infotext if opts.get("enable_pnginfo", True) else None
+    if grid:
+        path = save_grid(image, date_folder(outputs_dir, f"{kind}-grids"), infotext=embedded)
+    else:
+        path = save_image(image, date_folder(outputs_dir, kind), seed=seed, infotext=embedded,
+                          extension=str(opts.get("samples_format") or "png"))
+    if hooks is not None and hooks.has("image_saved"):
+        hooks.run("image_saved", ImageSavedParams(image, str(path), infotext))
+    return SavedOutput(image, infotext, path)

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from modules.devices import is_oom
-from modules.processing import GenerationResult, Progress
+from modules.job_state import GenerationResult, JobControl, Progress
 from modules.request import GenerationRequest
-from modules.sampling import JobControl
 
 log = logging.getLogger("athanor.jobs")
 

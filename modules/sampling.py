@@ -9,41 +9,28 @@ unconds, and combines them as composable diffusion:
 
 which for a single cond with weight 1 is ordinary classifier-free guidance. It is linear in the
 model output, so it is the same whether the UNet predicts noise (epsilon) or velocity (v).
+
+`sample_latents` sets the loop up for one batch: which steps run (`StepPlan`, A1111's img2img step counts),
+the starting latent (pure noise, or the init latent noised to where the plan starts) and, for inpainting,
+the blend that keeps the original outside the mask.
 """
 from __future__ import annotations
 
 import inspect
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
+from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 
+from modules import samplers
 from modules.conditioning import Conditioning, MultiCondSchedule, PromptSchedule, pad_to_length
 from modules.hooks import AfterCFGParams, CFGDenoiserParams, HookRegistry
+from modules.job_state import JobControl
 
-
-class Interrupted(Exception):
-    """The user stopped the job; images of the current batch are kept as they are."""
-
-
-@dataclass
-class JobControl:
-    """Interrupt (stop the job) and skip (stop this batch, go on with the next) flags of one job."""
-
-    interrupted: threading.Event = field(default_factory=threading.Event)
-    skipped: threading.Event = field(default_factory=threading.Event)
-
-    def interrupt(self) -> None:
-        self.interrupted.set()
-
-    def skip(self) -> None:
-        self.skipped.set()
-
-    def should_stop_sampling(self) -> bool:
-        return self.interrupted.is_set() or self.skipped.is_set()
-
+if TYPE_CHECKING:
+    from modules.image_conditioning import LatentMask
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor | None], None]
 
@@ -85,6 +72,108 @@ def run_sampler(scheduler, x: torch.Tensor, model: Callable[[torch.Tensor, torch
             callback(i, total, x, getattr(result, "pred_original_sample", None))
     return x
 
+
+# -- one batch: which steps run, where the loop starts ------------------------------------------------
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The scheduler is set to `total` steps and the last `run` of them are sampled."""
+
+    total: int
+    run: int
+
+    @property
+    def t_start(self) -> int:
+        """Index of the first step that runs (0 for txt2img)."""
+        return self.total - self.run
+
+
+def txt2img_plan(steps: int) -> StepPlan:
+    return StepPlan(steps, steps)
+
+
+def img2img_plan(steps: int, denoising_strength: float, fix_steps: bool) -> StepPlan:
+    """A1111's `setup_img2img_steps` (`t_enc + 1` steps run from `sigmas[steps - t_enc - 1]`).
+
+    Normal: `steps` steps, of which the last `int(min(d, 0.999) * steps) + 1` run. `fix_steps` (the option
+    `img2img_fix_steps`, and always for the hires pass): `int(steps / min(d, 0.999))` steps, the last `steps`
+    run, so exactly `steps` steps are sampled. Denoising 0 runs no step at all.
+    """
+    if denoising_strength <= 0:
+        return StepPlan(steps, 0)
+    strength = min(denoising_strength, 0.999)
+    if fix_steps:
+        return StepPlan(int(steps / strength), steps)
+    return StepPlan(steps, int(strength * steps) + 1)
+
+
+def timesteps_to_run(scheduler, plan: StepPlan) -> torch.Tensor:
+    """The timesteps of the last `plan.run` steps of a scheduler set to `plan.total` steps.
+
+    diffusers lists second-order schedulers' steps `order` entries apiece, so the tail starts at
+    `t_start * order` (as its img2img pipelines do). PLMS repeats its second timestep for its warm-up step;
+    the tail gets the same repetition.
+    """
+    timesteps = scheduler.timesteps
+    if plan.t_start == 0:
+        return timesteps
+    if isinstance(scheduler, PNDMScheduler):
+        plain = torch.unique_consecutive(timesteps)[plan.t_start:]
+        if len(plain) < 2:
+            return plain
+        return torch.cat([plain[:2], plain[1:2], plain[2:]])
+    return timesteps[plan.t_start * scheduler.order:]
+
+
+def _blending_model(denoiser: Callable, scheduler, init_latent: torch.Tensor, noise: torch.Tensor,
+                    latent_mask: LatentMask) -> Callable:
+    """The denoiser, seeing the init latent (noised to the current level with the starting noise) wherever
+    the mask keeps the original. For Euler this is exactly A1111's blend of the denoised prediction; the
+    sampler's own values outside the mask are replaced at the end."""
+
+    def model(x_in: torch.Tensor, t: torch.Tensor, step: int, total: int) -> torch.Tensor:
+        noised = scheduler.add_noise(init_latent, noise, t.reshape(1))
+        kept = scheduler.scale_model_input(noised, t)
+        return denoiser(x_in * latent_mask.nmask + kept * latent_mask.mask, t, step, total)
+
+    return model
+
+
+def sample_latents(sampler: samplers.SamplerInfo, schedule: samplers.ScheduleType, plan: StepPlan, *,
+                   scheduler_config: Mapping[str, Any], device: torch.device, noise: torch.Tensor,
+                   denoiser: Callable, seeds: Sequence[int], generators: Sequence[torch.Generator] | None,
+                   eta: float | None = None, control: JobControl | None = None,
+                   init_latent: torch.Tensor | None = None, latent_mask: LatentMask | None = None,
+                   callback: StepCallback | None = None) -> torch.Tensor:
+    """Sample one batch with our loop: from pure noise (txt2img) or from `init_latent` noised to the level
+    where `plan` starts (img2img, hires pass), optionally keeping the init latent outside `latent_mask`.
+
+    The noise is added by the scheduler's own `add_noise` (k-diffusion style schedulers: `init + noise *
+    sigma_start`; DDIM/PLMS/LCM/DPM-Solver: `sqrt(alpha) * init + sqrt(1 - alpha) * noise`).
+    """
+    if init_latent is not None and plan.run == 0:
+        return init_latent
+    scheduler = samplers.build_scheduler(sampler, schedule, scheduler_config, seeds=seeds)
+    scheduler.set_timesteps(plan.total, device=device)
+    timesteps = timesteps_to_run(scheduler, plan)
+    model = denoiser
+    if init_latent is None:
+        x = noise * scheduler.init_noise_sigma
+    else:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(plan.t_start * scheduler.order)
+        x = scheduler.add_noise(init_latent, noise, timesteps[:1])
+        if latent_mask is not None:
+            model = _blending_model(denoiser, scheduler, init_latent, noise, latent_mask)
+    with torch.inference_mode():
+        x = run_sampler(scheduler, x, model, generator=generators, eta=eta, control=control, callback=callback,
+                        timesteps=timesteps)
+    if latent_mask is not None and init_latent is not None:
+        x = latent_mask.blend(init_latent, x)
+    return x
+
+
+# -- the guided model -----------------------------------------------------------------------------
 
 @dataclass
 class CFGDenoiser:

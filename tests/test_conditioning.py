@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from modules.conditioning import CHUNK_LENGTH, PromptEncoder
+from modules.model_manager import ModelRef
 from modules.options import Options
-from modules.processing import ModelRef, ProcessingContext, process_txt2img
+from modules.processing import ProcessingContext, process_txt2img
 from modules.request import GenerationRequest
 from modules.sampling import CFGDenoiser
 from modules.conditioning import Conditioning, MultiCondSchedule, PromptSchedule, ScheduledConditioning

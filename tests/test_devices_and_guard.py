@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modules.devices import choose_device
-from modules.processing import decode_latents
+from modules.vae_codec import decode_latents
 
 from tests.tiny_checkpoints import tiny_loaded_model
 

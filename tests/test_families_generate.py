@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from modules.model_manager import ModelRef
 from modules.options import Options
-from modules.processing import ModelRef, ProcessingContext, process_txt2img
+from modules.processing import ProcessingContext, process_txt2img
 from modules.request import GenerationRequest
 
 from tests.tiny_checkpoints import tiny_loaded_model

@@ -9,21 +9,13 @@ from PIL import Image, ImageDraw
 
 from modules import infotext, masking, rng, samplers
 from modules.conditioning import PromptEncoder
+from modules.image_conditioning import prepare_img2img
+from modules.model_manager import ModelRef
 from modules.options import Options
-from modules.processing import (
-    ModelRef,
-    ProcessingContext,
-    StepPlan,
-    decode_latents,
-    encode_pixels,
-    img2img_plan,
-    pil_to_tensor,
-    prepare_img2img,
-    process_img2img,
-    process_txt2img,
-    to_pil,
-)
+from modules.processing import ProcessingContext, process_img2img, process_txt2img
 from modules.request import GenerationRequest
+from modules.sampling import StepPlan, img2img_plan
+from modules.vae_codec import decode_latents, encode_pixels, pil_to_tensor, to_pil
 
 from tests.tiny_checkpoints import tiny_loaded_model
 

@@ -7,9 +7,11 @@ import torch
 from PIL import Image
 
 from modules import infotext, samplers
+from modules.model_manager import ModelRef
 from modules.options import Options
-from modules.processing import ModelRef, ProcessingContext, decode_latents, process_txt2img
+from modules.processing import ProcessingContext, process_txt2img
 from modules.request import GenerationRequest
+from modules.vae_codec import decode_latents
 
 from tests.tiny_checkpoints import tiny_loaded_model
 
@@ -119,7 +121,7 @@ def test_bad_sizes_are_clear_errors():
 
 
 def test_interrupt_keeps_partial_batch(model, tmp_path):
-    from modules.sampling import JobControl
+    from modules.job_state import JobControl
 
     control = JobControl()
     calls = []

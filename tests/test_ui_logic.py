@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from modules.job_state import GenerationResult
 from modules.jobs import Job
 from modules.model_registry import HashCache, ModelRegistry
 from modules.options import Options, OptionInfo
-from modules.processing import GenerationResult
 from modules.request import GenerationRequest
 from modules import styles
 from modules.ui import paste, tokens
@@ -267,7 +267,8 @@ def test_live_preview_method_setting(method, size, tmp_path):
     """"Approx cheap" previews the latent (1/8 size, no VAE); "Full" decodes it with the VAE at full size."""
     import torch
 
-    from modules.processing import ModelRef, ProcessingContext, process_txt2img
+    from modules.model_manager import ModelRef
+    from modules.processing import ProcessingContext, process_txt2img
 
     opts = Options(None).snapshot({"show_progress_type": method, "show_progress_every_n_steps": 1})
     ctx = ProcessingContext(model=tiny_loaded_model("sd1"), model_ref=ModelRef("tiny", None), opts=opts,

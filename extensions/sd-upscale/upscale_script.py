@@ -20,8 +20,11 @@ from typing import Any
 
 from PIL import Image
 
-from modules import images, masking, rng
-from modules.processing import GenerationResult
+from modules.hooks import HookRegistry
+from modules.images import save_output
+from modules.job_state import GenerationResult
+from modules.masking import flatten
+from modules.rng import get_fixed_seed
 from modules.scripts import PlannedRequest, ScriptArg, Script, Slider, Textbox
 
 from . import tiling
@@ -40,10 +43,12 @@ class UpscalerArg(ScriptArg):
 
 
 class SdUpscale(Script):
-    """Tiled img2img over an upscaled init image. `outputs_dir` is where results are saved (None: never)."""
+    """Tiled img2img over an upscaled init image. `outputs_dir` is where results are saved (None: never);
+    `hooks` (the App's) run before_image_saved / image_saved for each saved result."""
 
-    def __init__(self, outputs_dir: str | Path | None = None) -> None:
+    def __init__(self, outputs_dir: str | Path | None = None, hooks: HookRegistry | None = None) -> None:
         self.outputs_dir = outputs_dir
+        self.hooks = hooks
 
     def title(self) -> str:
         return "SD upscale"
@@ -89,13 +94,13 @@ class SdUpscale(Script):
         base = p.request
         upscaler = tiling.resolve_upscaler(upscaler)
         overlap = int(tile_overlap)
-        seed = rng.get_fixed_seed(base.seed)  # A1111's fix_seed: one random seed for the whole job
-        subseed = rng.get_fixed_seed(base.subseed)
+        seed = get_fixed_seed(base.seed)  # A1111's fix_seed: one random seed for the whole job
+        subseed = get_fixed_seed(base.subseed)
         p.extra_generation_params["SD upscale overlap"] = overlap
         p.extra_generation_params["SD upscale upscaler"] = upscaler
 
         background = str(p.opts.get("img2img_background_color", "#ffffff") or "#ffffff")
-        source = masking.flatten(base.init_images[0], background)
+        source = flatten(base.init_images[0], background)
         upscaled = tiling.upscale(source, float(scale_factor), upscaler)
         layout, work = tiling.split_grid(upscaled, base.width, base.height, overlap)
         batch_size = base.batch_size
@@ -145,18 +150,17 @@ class SdUpscale(Script):
                                   subseeds=[subseed] * count, prompts=[base.prompt] * count,
                                   negative_prompts=[base.negative_prompt] * count, paths=[None] * count,
                                   interrupted=interrupted)
+        if self.outputs_dir is not None and base.save_images and p.opts.get("samples_save", True):
+            for index, start_seed in enumerate(start_seeds):
+                saved = save_output(result.images[index], self.outputs_dir, "img2img", seed=start_seed,
+                                    infotext=text, opts=p.opts, hooks=self.hooks)
+                # what was saved (a before_image_saved hook may change it) is what the job returns
+                result.images[index], result.infotexts[index] = saved.image, saved.infotext
+                result.paths[index] = str(saved.path)
         if first is not None:
             info = dict(first.info)
             info.update(seed=seed, subseed=subseed, all_seeds=list(start_seeds), all_subseeds=[subseed] * count,
                         all_prompts=result.prompts, all_negative_prompts=result.negative_prompts,
                         infotexts=list(result.infotexts), index_of_first_image=0)
             result.info = info
-        opts = p.opts
-        if self.outputs_dir is not None and base.save_images and opts.get("samples_save", True):
-            folder = images.date_folder(self.outputs_dir, "img2img")
-            for index, (image, start_seed) in enumerate(zip(outputs, start_seeds)):
-                path = images.save_image(image, folder, seed=start_seed,
-                                         infotext=text if opts.get("enable_pnginfo", True) else None,
-                                         extension=opts.get("samples_format", "png") or "png")
-                result.paths[index] = str(path)
         return result

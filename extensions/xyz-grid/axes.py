@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from modules import samplers
+from modules.samplers import find_sampler, find_schedule
 
 _INT = r"[+-]?\s*\d+"
 _FLOAT = r"[+-]?\s*\d+(?:\.\d*)?"
@@ -100,11 +100,11 @@ def _size(value: str) -> tuple[int, int]:
 
 
 def _sampler(value: str) -> str:
-    return samplers.find_sampler(value).name
+    return find_sampler(value).name
 
 
 def _schedule(value: str) -> str:
-    return samplers.find_schedule(value).label
+    return find_schedule(value).label
 
 
 @dataclass(frozen=True)

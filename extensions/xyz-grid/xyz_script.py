@@ -18,9 +18,11 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from modules import images, rng
-from modules.processing import GenerationResult
+from modules.hooks import HookRegistry
+from modules.images import image_grid, save_output
+from modules.job_state import GenerationResult
 from modules.request import RequestError
+from modules.rng import get_fixed_seed
 from modules.scripts import Checkbox, PlannedRequest, ScriptArg, Script, Slider, Textbox
 
 from . import axes
@@ -49,8 +51,9 @@ def _shown(axis_type: axes.AxisType, value: Any) -> str:
 class XyzPlot(Script):
     """One generation per combination of up to three axes, drawn as a grid."""
 
-    def __init__(self, outputs_dir: str | Path | None = None) -> None:
+    def __init__(self, outputs_dir: str | Path | None = None, hooks: HookRegistry | None = None) -> None:
         self.outputs_dir = outputs_dir  # where the grid is saved (None: never)
+        self.hooks = hooks  # the App's hooks: the grid's save runs before_image_saved / image_saved
 
     def title(self) -> str:
         return "X/Y/Z plot"
@@ -95,12 +98,12 @@ class XyzPlot(Script):
         p.request = base
         result = self._result(base, types, values, results, interrupted, bool(draw_legend),
                               bool(include_lone_images), bool(include_sub_grids), int(margin_size))
-        opts = p.opts
-        if (self.outputs_dir is not None and result.images and base.save_images
-                and opts.get("grid_save", True)):
-            folder = images.date_folder(self.outputs_dir, f"{base.kind}-grids")
-            text = result.infotexts[0] if opts.get("enable_pnginfo", True) else None
-            result.grid_path = str(images.save_grid(result.images[0], folder, infotext=text))
+        if self.outputs_dir is not None and result.images and base.save_images and p.opts.get("grid_save", True):
+            saved = save_output(result.images[0], self.outputs_dir, base.kind, seed=result.seeds[0],
+                                infotext=result.infotexts[0], opts=p.opts, hooks=self.hooks, grid=True)
+            # what was saved (a before_image_saved hook may change it) is what the job returns
+            result.images[0], result.infotexts[0], result.grid_path = saved.image, saved.infotext, str(saved.path)
+            result.info["infotexts"] = list(result.infotexts)
         return result
 
     def _plan(self, base, x_type: Any = "Seed", x_values: str = "", y_type: Any = "Nothing", y_values: str = "",
@@ -111,8 +114,8 @@ class XyzPlot(Script):
         values = [axes.parse_axis(t, v, name) for t, v, name in zip(types, (x_values, y_values, z_values), "XYZ")]
         if not no_fixed_seeds:
             values = [_fix_seeds(t, v) for t, v in zip(types, values)]
-            base = base.model_copy(update=dict(seed=rng.get_fixed_seed(base.seed),
-                                               subseed=rng.get_fixed_seed(base.subseed)))
+            base = base.model_copy(update=dict(seed=get_fixed_seed(base.seed),
+                                               subseed=get_fixed_seed(base.subseed)))
         xs, ys, zs = values
         cells = [self._cell_request(base, types, values, (x, y, z)) for z, y, x in itertools.product(zs, ys, xs)]
         return base, types, values, cells
@@ -158,7 +161,7 @@ class XyzPlot(Script):
                                     paths=[], interrupted=True)
         cell_images: list[Image.Image] = []
         for processed in results:
-            cell_images.append(processed.images[0] if len(processed.images) == 1 else images.image_grid(processed.images))
+            cell_images.append(processed.images[0] if len(processed.images) == 1 else image_grid(processed.images))
         size = cell_images[0].size
         count = len(xs) * len(ys) * len(zs)
         padded = cell_images + [Image.new("RGB", size) for _ in range(count - len(cell_images))]
