@@ -186,6 +186,7 @@ class App:
 
     def _load_extensions(self) -> None:
         """Extensions (built-in `extensions/` and DATA_DIR/extensions) register their hooks, scripts and settings."""
+        from modules.api.extension_providers import fill_api_providers
         from modules.extensions import ExtensionManager
         from modules.scripts import ScriptRegistry
 
@@ -196,8 +197,13 @@ class App:
             hashing=not self.args.no_hashing, disable_all=getattr(self.args, "disable_all_extensions", False),
             disable_extra=getattr(self.args, "disable_extra_extensions", False))
         self.extensions.load_all()
-        self.extensions.fill_api_providers(self.api_providers)
-        self.ui_assets = self.extensions.ui_assets  # (css, js) for the page
+        fill_api_providers(self.api_providers, self.extensions)
+        self.ui_assets = self._extension_ui_assets  # (css, js) for the page
+
+    def _extension_ui_assets(self) -> tuple[str, str]:
+        from modules.ui.extension_page import ui_assets  # imports gradio: only once a page is built
+
+        return ui_assets(self.extensions)
 
     def _notice(self, message: str) -> None:
         log.warning(message)
@@ -240,6 +246,7 @@ def create_server(app: App):
     from fastapi import FastAPI
 
     from modules.auth import install_security
+    from modules.extension_runtime import run_app_started
 
     server = FastAPI(title="Athanor", docs_url=None, redoc_url=None)  # /docs comes with the API, offline
     app.server = server
@@ -255,11 +262,11 @@ def create_server(app: App):
         from modules.ui import build_ui, mount_options
 
         blocks = build_ui(app)
-        app.extensions.app_started(server, blocks, app)  # extension routes, before "/" catches every path
+        run_app_started(app.extensions, server, blocks, app)  # extension routes, before "/" catches every path
         gr.mount_gradio_app(server, blocks, path="/", auth=auth.gradio_auth(), show_error=True,
                             **mount_options(app))
     else:
-        app.extensions.app_started(server, None, app)
+        run_app_started(app.extensions, server, None, app)
     return server
 
 
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nowebui:
         args.api = True
     if args.enable_extension or args.disable_extension or args.list_extensions:
-        from modules.extensions import handle_extension_commands
+        from modules.extension_commands import handle_extension_commands
         from modules.options import Options
 
         paths = Paths.from_args(args)

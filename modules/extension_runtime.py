@@ -8,17 +8,21 @@
   embedding lookups, the two patchers above. processing.py calls `begin_batch` and
   `postprocess_image`; the App runs the job inside `with session:` so everything is undone even
   when the job fails.
+- `start_job` makes a job's `JobSession` from the loader's registries; `run_app_started` runs the
+  `app_started` hook when the server is built. The loader (modules.extensions) only fills the registries:
+  what the loaded extensions do at run time lives here.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from modules import extra_networks
 from modules.hooks import (
+    AppStartedParams,
     AttentionParams,
     AttentionSite,
     BatchParams,
@@ -34,7 +38,10 @@ from modules.hooks import (
     compose_lookups,
     guarded,
 )
-from modules.scripts import PostprocessImageArgs, ScriptRun
+from modules.scripts import PostprocessImageArgs, ScriptRegistry, ScriptRun
+
+if TYPE_CHECKING:  # only for the hints: the loader never needs this module, nor this module the loader
+    from modules.extensions import ExtensionManager
 
 log = logging.getLogger("athanor.extensions")
 
@@ -338,3 +345,36 @@ def _named_lookup(extension: str, lookup: Callable) -> Callable:
     def named(slot_index, tokens, position):
         return guarded(extension, "embedding lookup", lookup, slot_index, tokens, position)
     return named
+
+
+# -- the loaded extensions at work --------------------------------------------------------------------
+def start_job(hooks: HookRegistry, scripts: ScriptRegistry, request: Any, ctx: Any) -> JobSession:
+    """Prepare one job: its JobContext (with a copy of the request), scripts and extension session.
+
+    The copy is shallow: scripts assign fields (`p.request.steps = 10`) rather than change lists in place.
+    Sets `ctx.job_session`, `ctx.embedding_lookup` and `ctx.known_networks`. Run the generation
+    as `with session: session.run(lambda: process(session.job.request, ctx))`.
+    Raises ValueError for unknown scripts or bad script arguments.
+    """
+    run = scripts.resolve(request)
+    job = JobContext(request=request.model_copy(), model=ctx.model, opts=ctx.opts,
+                     extra_generation_params=ctx.extra_generation_params, warn=ctx.warn)
+    session = JobSession(hooks, job, run)
+    ctx.job_session = session
+    ctx.known_networks = hooks.extra_network_names()
+    ctx.embedding_lookup = session.embedding_lookup()
+    return session
+
+
+def embedding_lookup_for_model(hooks: HookRegistry, model: Any, opts: Any) -> Callable | None:
+    """The textual-inversion lookup for `model` outside a job (e.g. a token counter); `opts`: a settings snapshot."""
+    return JobSession(hooks, JobContext(request=None, model=model, opts=opts)).embedding_lookup()
+
+
+def run_app_started(extensions: "ExtensionManager", server: Any, demo: Any, app: Any) -> None:
+    """Call `app_started` hooks (they add routes); a failing one is reported, the server starts."""
+    for extension, fn in extensions.hooks.registrations("app_started"):
+        try:
+            guarded(extension, "hook 'app_started'", fn, AppStartedParams(server, demo, app))
+        except ExtensionError as exc:
+            extensions.mark_failed(extension, str(exc))

@@ -16,17 +16,20 @@ requirement) is logged, listed with status "error" and its message, and the app 
 everything it registered before failing is removed again.
 
 Enable/disable is stored in the `disabled_extensions` setting of config.json, as in A1111.
+
+This module only finds, orders and loads extensions and keeps their state and registries. What the loaded
+extensions then do lives with the layer that uses it, so that the loader imports none of them:
+- the page's tabs and JavaScript/CSS: modules/ui/extension_page.py
+- the API's lists: modules/api/extension_providers.py
+- the `app_started` hook and a job's extension session: modules/extension_runtime.py
+- console commands and installing from a git URL: modules/extension_commands.py
 """
 from __future__ import annotations
 
 import configparser
-import html
 import importlib.util
 import logging
-import os
 import re
-import shutil
-import subprocess
 import sys
 import tomllib
 import traceback
@@ -34,19 +37,14 @@ import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from modules.hooks import (
     API_VERSION,
     MIN_API_VERSION,
-    AppStartedParams,
     ExtensionError,
     ExtraNetwork,
     HookRegistry,
-    JobContext,
     UiSettingsParams,
-    UiTab,
-    UiTabsParams,
     guarded,
 )
 from modules.options import OptionInfo
@@ -90,26 +88,6 @@ class ExtensionInfo:
         out["path"] = str(self.path)
         out["requires"] = list(self.requires)
         return out
-
-
-@dataclass
-class PageAssets:
-    """The JavaScript and CSS extensions add to the page: (file name, text) pairs in load order."""
-
-    javascript: list[tuple[str, str]] = field(default_factory=list)
-    css: list[tuple[str, str]] = field(default_factory=list)
-
-    def head_html(self) -> str:
-        """`<script>`/`<style>` elements with the files inlined (nothing is fetched)."""
-        parts = []
-        for name, text in self.javascript:
-            # A literal "</script" would end the inline element early; "<\/script" means the same in JavaScript.
-            safe = re.sub(r"</(script)", r"<\\/\1", text, flags=re.IGNORECASE)
-            parts.append(f'<script data-extension-file="{html.escape(name)}">\n{safe}\n</script>')
-        for name, text in self.css:
-            safe = re.sub(r"</(style)", r"<\\/\1", text, flags=re.IGNORECASE)
-            parts.append(f'<style data-extension-file="{html.escape(name)}">\n{safe}\n</style>')
-        return "\n".join(parts)
 
 
 @dataclass
@@ -290,27 +268,6 @@ def import_extension_module(folder: Path, relative: str, *, name: str | None = N
     return module
 
 
-def check_extension_url(url: Any) -> str:
-    """The URL of an extension's git repository, if it is a plain `https://host/path` one; ValueError otherwise."""
-    text = url.strip() if isinstance(url, str) else ""
-    if not text:
-        raise ValueError("Give the https:// URL of the extension's git repository")
-    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in text) or text.startswith("-"):
-        raise ValueError("The URL contains spaces or control characters")
-    parts = urlsplit(text)
-    if parts.scheme.lower() != "https" or "::" in text.split("/")[0]:
-        raise ValueError(f"Only https:// git URLs are installed (got {text[:80]!r}); copy other extensions into "
-                         "the extensions/ folder by hand")
-    try:
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError:
-        host = None
-    if not host or not parts.path.strip("/"):
-        raise ValueError(f"{text[:80]!r} does not name a repository (https://host/owner/name)")
-    return text
-
-
 def _load_order(infos: list[ExtensionInfo]) -> list[ExtensionInfo]:
     """Requirements first; otherwise by load_order, built-ins before others, then name."""
     by_name = {i.name: i for i in infos}
@@ -458,86 +415,23 @@ class ExtensionManager:
         self.apis[info.name] = api
         info.status, info.error = LOADED, None
 
-    def _fail(self, extension: str, message: str) -> None:
+    def mark_failed(self, extension: str, message: str) -> None:
+        """Report an extension as failed (a hook of it raised after loading); the Extensions tab shows it."""
         info = self.get(extension)
         if info is not None:
             info.status, info.error = FAILED, message
         log.error("Extension %s: %s", extension, message)
 
     def _run_ui_settings(self) -> None:
+        # Part of loading, not of the page: `ui_settings` hooks add options, which config.json, the API and
+        # the settings page all read, also with --nowebui.
         for extension, fn in self.hooks.registrations("ui_settings"):
             try:
                 guarded(extension, "hook 'ui_settings'", fn, UiSettingsParams(self.opts))
             except ExtensionError as exc:
-                self._fail(extension, str(exc))
+                self.mark_failed(extension, str(exc))
 
-    # -- what the server and page use ---------------------------------------------------------
-    def app_started(self, server: Any, demo: Any, app: Any) -> None:
-        """Call `app_started` hooks (they add routes); a failing one is reported, the server starts."""
-        for extension, fn in self.hooks.registrations("app_started"):
-            try:
-                guarded(extension, "hook 'app_started'", fn, AppStartedParams(server, demo, app))
-            except ExtensionError as exc:
-                self._fail(extension, str(exc))
-
-    def ui_tabs(self) -> list[UiTab]:
-        """The tabs extensions add to the page (a failing hook is reported and adds none)."""
-        tabs: list[UiTab] = []
-        for extension, fn in self.hooks.registrations("ui_tabs"):
-            params = UiTabsParams([])
-            try:
-                guarded(extension, "hook 'ui_tabs'", fn, params)
-            except ExtensionError as exc:
-                self._fail(extension, str(exc))
-                continue
-            for tab in params.tabs:
-                if isinstance(tab, tuple):  # A1111's (gr.Blocks, title, elem_id)
-                    blocks, title, elem_id = (list(tab) + [""])[:3]
-                    tab = UiTab(title=title, blocks=blocks, elem_id=elem_id)
-                tabs.append(tab)
-        return tabs
-
-    def render_ui_tabs(self) -> None:
-        """Build the extension tabs; call inside the page's `gr.Tabs()` block."""
-        import gradio as gr
-
-        for tab in self.ui_tabs():
-            elem_id = tab.elem_id or "tab_" + re.sub(r"[^0-9a-z]+", "_", tab.title.lower()).strip("_")
-            with gr.Tab(tab.title, elem_id=elem_id):
-                try:
-                    if tab.blocks is not None:
-                        tab.blocks.render()
-                    elif tab.build is not None:
-                        tab.build()
-                except Exception as exc:  # noqa: BLE001 - one broken tab must not take the page down
-                    log.error("Extension tab %r failed to build: %s\n%s", tab.title, exc, traceback.format_exc())
-                    gr.Markdown(f"This tab failed to build: {html.escape(str(exc))}")
-
-    def page_assets(self) -> PageAssets:
-        """JavaScript and CSS of the loaded extensions, in load order."""
-        assets = PageAssets()
-        for info in self.infos:
-            if info.status != LOADED:
-                continue
-            for name in info.javascript:
-                assets.javascript.append((f"{info.name}/javascript/{name}",
-                                          (info.path / "javascript" / name).read_text(encoding="utf-8")))
-            for name in info.css:
-                assets.css.append((f"{info.name}/{name}", (info.path / name).read_text(encoding="utf-8")))
-        return assets
-
-    def ui_assets(self) -> tuple[str, str]:
-        """(css, javascript) of the loaded extensions as text, for the page (App.ui_assets)."""
-        assets = self.page_assets()
-        css = "\n".join(f"/* {name} */\n{text}" for name, text in assets.css)
-        js = "\n".join(f"// {name}\n{text}" for name, text in assets.javascript)
-        return (re.sub(r"</(style)", r"<\\/\1", css, flags=re.IGNORECASE),
-                re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE))
-
-    def page_head(self) -> str:
-        """The `<script>`/`<style>` HTML to put in the page head (Gradio's `head=`)."""
-        return self.page_assets().head_html()
-
+    # -- what the loaded extensions registered -------------------------------------------------
     def provide(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Data an extension provides for the API ("embeddings", "hypernetworks", "loras", ...), or None."""
         return self.hooks.provide(name, *args, **kwargs)
@@ -546,154 +440,18 @@ class ExtensionManager:
         """Every extension found, loaded or not (the Extensions tab lists these)."""
         return list(self.infos)
 
-    def fill_api_providers(self, providers: Any) -> None:
-        """Point the API's lists (modules.api.ApiProviders) at the extensions and scripts."""
-        from modules.api import ScriptEntry
-
-        def data(name: str, empty: Callable[[], Any]) -> Callable[[], Any]:
-            def get() -> Any:
-                value = self.provide(name)
-                return empty() if value is None else value
-            return get
-
-        providers.embeddings = data("embeddings", lambda: {"loaded": {}, "skipped": {}})
-        providers.hypernetworks = data("hypernetworks", list)
-        providers.loras = data("loras", list)
-        providers.refresh_embeddings = lambda: self.provide("refresh-embeddings")
-        providers.refresh_loras = lambda: self.provide("refresh-loras")
-        providers.scripts = lambda: [ScriptEntry(**entry) for entry in self.scripts.script_info_for_api()]
-        providers.extensions = self.list_for_api
-
-    def list_for_api(self) -> list[dict[str, Any]]:
-        """A1111's `GET /sdapi/v1/extensions` items."""
-        return [{"name": i.name, "remote": i.remote or "", "branch": i.branch or "", "commit_hash": i.commit_hash or "",
-                 "commit_date": None, "version": i.version or (i.commit_hash or "")[:8], "enabled": i.enabled}
-                for i in self.infos]
-
-    def list_for_ui(self) -> list[dict[str, Any]]:
-        """Every extension with status and error, for the Extensions tab."""
-        return [i.as_dict() for i in self.infos]
-
-    # -- jobs ----------------------------------------------------------------------------------
-    def start_job(self, request: Any, ctx: Any):
-        """Prepare one job: its JobContext (with a copy of the request), scripts and extension session.
-
-        The copy is shallow: scripts assign fields (`p.request.steps = 10`) rather than change lists in place.
-        Sets `ctx.job_session`, `ctx.embedding_lookup` and `ctx.known_networks`. Run the generation
-        as `with session: session.run(lambda: process(session.job.request, ctx))`.
-        Raises ValueError for unknown scripts or bad script arguments.
-        """
-        from modules.extension_runtime import JobSession
-
-        run = self.scripts.resolve(request)
-        job = JobContext(request=request.model_copy(), model=ctx.model, opts=ctx.opts,
-                         extra_generation_params=ctx.extra_generation_params, warn=ctx.warn)
-        session = JobSession(self.hooks, job, run)
-        ctx.job_session = session
-        ctx.known_networks = self.hooks.extra_network_names()
-        ctx.embedding_lookup = session.embedding_lookup()
-        return session
-
-    def embedding_lookup(self, model: Any, opts: Any = None) -> Callable | None:
-        """The textual-inversion lookup for `model` outside a job (e.g. the page's token counter)."""
-        from modules.extension_runtime import JobSession
-
-        job = JobContext(request=None, model=model, opts=opts if opts is not None else self.opts.snapshot())
-        return JobSession(self.hooks, job).embedding_lookup()
-
-    # -- console commands ---------------------------------------------------------------------
+    # -- enabled / disabled (the page disables, the console enables and disables) ------------------
     def set_enabled(self, name: str, enabled: bool) -> ExtensionInfo:
         """Enable or disable an extension (persisted; takes effect at the next start)."""
         info = next((i for i in (self.infos or self.discover()) if i.name == name or i.path.name == name), None)
         if info is None:
             known = ", ".join(i.name for i in (self.infos or self.discover())) or "none"
             raise ValueError(f"No extension named {name!r}; installed: {known}")
-        disabled = [n for n in self.disabled_names() if n != info.name]
-        if not enabled:
-            disabled.append(info.name)
-        self.opts.set(DISABLED_OPTION, disabled)
+        self.store_enabled(info.name, enabled)
         info.enabled = enabled
         return info
 
-    def install_from_url(self, url: str, *, listening: bool = False, timeout: float = 300) -> str:
-        """`git clone` an extension from an `https://` URL into the user extensions folder; returns its folder name.
-
-        Never while the server listens on the network. Only `https://host/path` URLs: no `file://`, `ext::`,
-        `ssh`, local paths or anything git would read as an option. The new extension starts disabled and
-        stays so until the user enables it from the console (`--enable-extension NAME`, which also runs its
-        install.py): the page can install code but never make it run.
-        """
-        if listening:
-            raise PermissionError("Installing extensions is disabled while the server listens on the network")
-        url = check_extension_url(url)
-        name = re.sub(r"\.git$", "", urlsplit(url).path.rstrip("/").split("/")[-1])
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
-            raise ValueError(f"Cannot tell an extension name from {url!r}")
-        root = self.user_dir or self.builtin_dir
-        target = root / name
-        if target.exists():
-            raise ValueError(f"An extension folder named {name!r} already exists in {root}")
-        root.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
-        try:
-            # no submodules (their URLs are not checked here), no templates with hooks, and `--` before the URL
-            done = subprocess.run(["git", "-c", "protocol.ext.allow=never", "clone", "--depth", "1",
-                                   "--no-recurse-submodules", "--template=", "--", url, str(target)],
-                                  capture_output=True,
-                                  text=True, timeout=timeout, env=env)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            raise ValueError(f"git clone failed: {exc}") from None
-        if done.returncode != 0:
-            shutil.rmtree(target, ignore_errors=True)
-            raise ValueError(f"git clone failed: {done.stderr.strip() or done.returncode}")
-        info = read_extension(target, False)
-        self.opts.set(DISABLED_OPTION, [n for n in self.disabled_names() if n != info.name] + [info.name])
-        log.info("Installed extension %s from %s (disabled until enabled from the console)", info.name, url)
-        return info.name
-
-    @staticmethod
-    def run_install(info: ExtensionInfo, timeout: float = 1800) -> int:
-        """Run the extension's install.py with this Python, in its folder; returns its exit code."""
-        script = info.path / "install.py"
-        if not script.is_file():
-            return 0
-        log.info("Running %s", script)
-        return subprocess.run([sys.executable, str(script)], cwd=info.path, timeout=timeout).returncode
-
-
-def handle_extension_commands(args: Any, opts: Any, user_dir: Path | None) -> int | None:
-    """`--list-extensions`, `--enable-extension NAME`, `--disable-extension NAME`: do it and return an exit code.
-
-    Returns None when no such flag was given (the server then starts). install.py runs here,
-    from the console, and never while the server is listening.
-    """
-    listing = getattr(args, "list_extensions", False)
-    enable = getattr(args, "enable_extension", None)
-    disable = getattr(args, "disable_extension", None)
-    if not (listing or enable or disable):
-        return None
-    manager = ExtensionManager(hooks=HookRegistry(), scripts=ScriptRegistry(), opts=opts, paths=None,
-                               user_dir=user_dir)
-    manager.infos = manager.discover()
-    try:
-        for name in disable or []:
-            info = manager.set_enabled(name, False)
-            print(f"Disabled {info.name}")
-        for name in enable or []:
-            info = manager.set_enabled(name, True)
-            print(f"Enabled {info.name}")
-            if info.has_install:
-                code = manager.run_install(info)
-                if code != 0:
-                    print(f"error: {info.path / 'install.py'} exited with code {code}", file=sys.stderr)
-                    return code
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if listing:
-        for info in manager.infos:
-            state = "enabled" if info.enabled else "disabled"
-            kind = "built-in" if info.builtin else "user"
-            print(f"{info.name:30} {state:9} {kind:8} {info.version:10} {info.path}")
-    return 0
+    def store_enabled(self, name: str, enabled: bool) -> None:
+        """Write one extension's state to `disabled_extensions`, also for a folder not discovered yet (an install)."""
+        disabled = [n for n in self.disabled_names() if n != name]
+        self.opts.set(DISABLED_OPTION, disabled if enabled else disabled + [name])

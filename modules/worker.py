@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modules.extension_runtime import start_job
 from modules.gate import Gate
 from modules.processing import ProcessingContext, process
 
@@ -24,7 +25,7 @@ class LocalWorker:
     models: Any  # modules.model_manager.ModelManager
     device: Any  # modules.devices.DeviceChoice
     hooks: Any  # modules.hooks.HookRegistry
-    extensions: Any  # modules.extensions.ExtensionManager (start_job)
+    extensions: Any  # modules.extensions.ExtensionManager: its hook and script registries
     gate: Gate
     outputs_dir: Path
 
@@ -40,7 +41,8 @@ class LocalWorker:
                                     device=self.device.device, dtype=self.device.dtype,
                                     outputs_dir=self.outputs_dir, hooks=self.hooks,
                                     control=job.control, progress=job.progress)
-            session = self.extensions.start_job(request, ctx)  # scripts, extra networks, patches: undone at the end
+            # scripts, extra networks, patches: undone at the end
+            session = start_job(self.extensions.hooks, self.extensions.scripts, request, ctx)
 
             def generate():
                 current = session.job.request  # scripts may have changed it: through the gate again

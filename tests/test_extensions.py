@@ -16,11 +16,14 @@ import requests
 import torch
 from safetensors.torch import save_file
 
+from modules.api.extension_providers import extensions_for_api
+from modules.extension_commands import install_from_url
 from modules.extensions import ExtensionManager
 from modules.hooks import API_VERSION, HookRegistry
 from modules.options import Options
 from modules.request import GenerationRequest, RequestError
 from modules.scripts import ScriptRegistry
+from modules.ui.extension_page import extension_tabs, page_assets, ui_assets
 from tests.extension_helpers import EXAMPLE_EXTENSION, REPO, generate, make_app, model_weights, submit
 from tests.test_app_start import start_app, stop, wait_for
 from tests.test_lora import kohya_lora
@@ -87,12 +90,12 @@ def test_loader_orders_by_requirements_and_reports_broken_extensions(tmp_path):
     assert status["switched-off"][0] == "disabled"
     assert manager.get("zzz-base").version == "2.1"
 
-    assets = manager.page_assets()
+    assets = page_assets(manager)
     assert [name for name, _ in assets.javascript] == ["dependent/javascript/dep.js"]  # not the broken one's
     assert [name for name, _ in assets.css] == ["dependent/style.css"]
-    css, js = manager.ui_assets()
+    css, js = ui_assets(manager)
     assert "window.dependentLoaded" in js and "</script>" not in js and ".dependent" in css
-    listed = {item["name"]: item for item in manager.list_for_api()}
+    listed = {item["name"]: item for item in extensions_for_api(manager)}
     assert listed["switched-off"]["enabled"] is False and listed["zzz-base"]["version"] == "2.1"
 
 
@@ -217,7 +220,7 @@ def test_example_extension_in_process(app):
     assert all("Example strength: 0.25" in text for text in result.infotexts)
     plain = generate(app, prompt="a cat")
     assert "Example strength" not in plain.infotexts[0]
-    assert [tab.title for tab in app.extensions.ui_tabs()] == ["Example"]
+    assert [tab.title for tab in extension_tabs(app.extensions)] == ["Example"]
 
 
 def test_alwayson_script_takes_named_or_positional_arguments(app):
@@ -322,16 +325,16 @@ def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path, mo
     user_dir = tmp_path / "extensions"
     manager = manager_for(user_dir)
     with pytest.raises(PermissionError):
-        manager.install_from_url(url, listening=True)
+        install_from_url(manager, url, listening=True)
     assert not (user_dir / "my-ext").exists()
 
-    name = manager.install_from_url(url)
+    name = install_from_url(manager, url)
     assert name == "my-ext" and (user_dir / "my-ext" / "scripts" / "hello.py").is_file()
     assert "my-ext" in manager.disabled_names()  # install.py has not run: enabling is a console step
     with pytest.raises(ValueError, match="already exists"):
-        manager.install_from_url(url)
+        install_from_url(manager, url)
     with pytest.raises(ValueError, match="git clone failed"):
-        manager.install_from_url("https://git.example.invalid/no-such-repo")
+        install_from_url(manager, "https://git.example.invalid/no-such-repo")
     assert not (user_dir / "no-such-repo").exists()
 
 
@@ -346,5 +349,5 @@ def test_install_refuses_anything_but_plain_https_urls(tmp_path, url):
     user_dir = tmp_path / "extensions"
     manager = manager_for(user_dir)
     with pytest.raises(ValueError):
-        manager.install_from_url(url)
+        install_from_url(manager, url)
     assert not user_dir.exists() or not any(user_dir.iterdir())

@@ -7,9 +7,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from modules.extension_runtime import start_job
 from modules.extra_networks import ExtraNetworkParams
+from modules.model_manager import ModelRef
 from modules.model_registry import addnet_hash_safetensors
-from modules.processing import ModelRef, ProcessingContext
+from modules.processing import ProcessingContext
 from modules.request import GenerationRequest
 from tests.extension_helpers import FAST, builtin_module, generate, make_app, model_weights
 from tests.tiny_checkpoints import tiny_checkpoint_path, tiny_loaded_model
@@ -62,7 +64,7 @@ def session_for(app, prompt: str):
     ctx = ProcessingContext(model=model, model_ref=ModelRef("tiny", None), opts=app.opts.snapshot(),
                             device=torch.device("cpu"), dtype=torch.float32, outputs_dir=app.paths.outputs_dir,
                             hooks=app.hooks)
-    return app.extensions.start_job(GenerationRequest(prompt=prompt, **FAST), ctx)
+    return start_job(app.extensions.hooks, app.extensions.scripts, GenerationRequest(prompt=prompt, **FAST), ctx)
 
 
 def test_weights_get_up_down_alpha_delta_and_come_back_bit_identical(app):

@@ -9,21 +9,22 @@ The parts:
   names its fields (for paste and "send to") and the image inputs that "Send to img2img" / "Send to inpaint"
   fill. The helpers in modules.ui.generation and modules.ui.results build the same controls and results column
   txt2img has.
-- Extension tabs come from the `ui_tabs` hook (modules.hooks.UiTabsParams / UiTab).
+- Extension tabs come from the `ui_tabs` hook (modules.hooks.UiTabsParams / UiTab), through
+  modules/ui/extension_page.py.
 - Extension page assets come from `app.ui_assets() -> (css_text, js_text)` when the App has it.
 """
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from modules.ui import paste as paste_mod
-from modules.ui.common import PRIVATE, TabHandle, UiShared, notice_html, owner_of, toast, validation_message
+from modules.ui.common import PRIVATE, TabHandle, UiShared, owner_of, toast, validation_message
 from modules.ui.img2img import build_img2img_tab
+from modules.ui.extension_page import render_extension_tabs, tabs_for_page
 from modules.ui.extensions_tab import build_extensions_tab, connect_extensions
 from modules.ui.generation import (connect_generate, connect_paste, connect_seed_buttons, connect_styles, connect_swap,
                                    connect_token_counters)
@@ -43,22 +44,6 @@ log = logging.getLogger("athanor.ui")
 # Every infotext key the page knows how to paste (txt2img's and img2img's); a tab takes the names it has.
 ALL_PASTE_FIELDS = paste_mod.TXT2IMG_FIELDS + tuple(
     item for item in paste_mod.IMG2IMG_FIELDS if item[0] not in {n for n, _ in paste_mod.TXT2IMG_FIELDS})
-
-
-def _extension_tabs(app: Any) -> list:
-    manager = getattr(app, "extensions", None)
-    if callable(getattr(manager, "ui_tabs", None)):
-        return list(manager.ui_tabs())  # reports a failing extension itself
-    hooks = getattr(app, "hooks", None)
-    if hooks is None or not hooks.has("ui_tabs"):
-        return []
-    from modules.hooks import UiTabsParams
-
-    try:
-        return list(hooks.run("ui_tabs", UiTabsParams()).tabs)
-    except Exception as exc:  # noqa: BLE001 - a broken extension must not take the page down
-        log.error("An extension failed to add its tab: %s", exc)
-        return []
 
 
 def _image_value(target: Any, path: str) -> Any:
@@ -88,22 +73,7 @@ def build_ui(app: Any) -> gr.Blocks:
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = build_pnginfo_tab(("txt2img", "img2img", "inpaint"))
             shared.pnginfo_image = png.image
-            for index, ext_tab in enumerate(_extension_tabs(app)):
-                if isinstance(ext_tab, tuple):  # A1111's (blocks, title, elem_id)
-                    from modules.hooks import UiTab
-                    blocks, title, elem_id = (list(ext_tab) + [""])[:3]
-                    ext_tab = UiTab(title=title, blocks=blocks, elem_id=elem_id)
-                elem_id = ext_tab.elem_id or "tab_" + (re.sub(r"[^0-9a-z]+", "_", ext_tab.title.lower()).strip("_")
-                                                       or str(index))
-                with gr.Tab(ext_tab.title, id=elem_id, elem_id=elem_id):
-                    try:
-                        if ext_tab.build is not None:
-                            ext_tab.build()
-                        elif ext_tab.blocks is not None:
-                            ext_tab.blocks.render()
-                    except Exception as exc:  # noqa: BLE001
-                        log.error("Extension tab %r failed to build: %s", ext_tab.title, exc)
-                        gr.HTML(notice_html(f"This extension's tab failed to build: {exc}", "error"))
+            render_extension_tabs(tabs_for_page(app))
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 settings_tab = build_settings_tab(app)
             with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):

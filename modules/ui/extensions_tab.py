@@ -6,7 +6,7 @@ the folders under the built-in and the data dir's `extensions/`. The page can on
 (through the loader's `set_enabled(name, False)`, after a restart): enabling one decides which code runs,
 so it is a console step (`python app.py --enable-extension NAME`, which also runs its install.py).
 Installing from an https:// git URL is offered only when the server does not listen on the network and
-the loader can do it (`install_from_url(url)`); what it installs arrives disabled.
+the App has the loader (`modules.extension_commands.install_from_url`); what it installs arrives disabled.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 import gradio as gr
 
+from modules.extension_commands import install_from_url
+from modules.extensions import ExtensionManager
 from modules.ui.common import PRIVATE, notice_html
 
 log = logging.getLogger("athanor.ui")
@@ -129,7 +131,7 @@ def build_extensions_tab(app: Any) -> ExtensionsTab:
                                   interactive=can_toggle, visible=bool(rows))
                 result = gr.HTML("", elem_id="extensions_result")
         with gr.Tab("Install from URL", id="extensions_install", elem_id="extensions_install_top"):
-            can_install = not listening and callable(getattr(loader, "install_from_url", None))
+            can_install = not listening and isinstance(loader, ExtensionManager)
             if listening:
                 gr.HTML(notice_html("Installing extensions is disabled while the server listens on the network: "
                                     "an extension is code that runs on this machine. Install it on the server's "
@@ -182,10 +184,10 @@ def connect_extensions(app: Any, tab: ExtensionsTab) -> None:
             return notice_html("Installing extensions is disabled while the server listens on the network.",
                                "error"), gr.skip()
         loader = getattr(app, "extensions", None)
-        if not callable(getattr(loader, "install_from_url", None)):
+        if not isinstance(loader, ExtensionManager):
             return notice_html("Installing from a URL is not available in this build.", "error"), gr.skip()
         try:
-            name = loader.install_from_url((url or "").strip(), listening=listening)
+            name = install_from_url(loader, (url or "").strip(), listening=listening)
         except Exception as exc:  # noqa: BLE001
             return notice_html(f"Could not install: {html.escape(str(exc))}", "error"), gr.skip()
         rows, from_loader = installed_extensions(app)
