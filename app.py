@@ -157,6 +157,12 @@ class App:
         from modules.options import Options
 
         self.paths.create()
+        from modules.images import remove_stale_reservations
+
+        stale = remove_stale_reservations(self.paths.outputs_dir)  # half-written saves of a killed process
+        if stale:
+            log.warning("Removed %d unfinished image file(s) a previous run left in %s", len(stale),
+                        self.paths.outputs_dir)
         self.opts = Options(self.paths.config_file)
         self.hooks = HookRegistry()
         self.device = choose_device(self.args.device, self.args.precision, self.args.no_half)

@@ -348,6 +348,21 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+_RESERVATION = re.compile(r"\.(?:[\w-]*?)\d{4,5}" + re.escape(TEMP_SUFFIX))
+
+
+def remove_stale_reservations(outputs_dir: Path) -> list[Path]:
+    """Remove the hidden `.NNNNN.tmp` files a killed process left under `outputs_dir` (a save in flight when
+    it died: some or all of an image's bytes, never renamed to a final name). Called once at start, before
+    any job runs: this process is the only writer of its outputs. Returns what was removed."""
+    removed = []
+    for path in Path(outputs_dir).rglob(f"*{TEMP_SUFFIX}"):
+        if path.is_file() and not path.is_symlink() and _RESERVATION.fullmatch(path.name):
+            _unlink_quietly(path)
+            removed.append(path)
+    return removed
+
+
 def _write_numbered(directory: Path, basename: str, decoration: str, extension: str, data: bytes) -> Path:
     """Write `data` as the next numbered file in `directory`, atomically, never reusing a number."""
     number = next_sequence_number(directory, basename)
