@@ -60,6 +60,7 @@ def main() -> None:
     from modules.model_manager import ModelRef
     from modules.options import Options
     from modules.processing import ProcessingContext, process_txt2img
+    from modules.plan import make_plan
     from modules.request import GenerationRequest
 
     device = torch.device(args.device)
@@ -94,7 +95,7 @@ def main() -> None:
                                         dtype=dtype, outputs_dir=Path(tmp))
                 sync()
                 start = time.perf_counter()
-                process_txt2img(req, ctx)
+                process_txt2img(make_plan(req), ctx)
                 sync()
                 return time.perf_counter() - start
 

@@ -36,6 +36,7 @@ def main() -> None:
     from modules.model_manager import ModelRef
     from modules.options import Options
     from modules.processing import ProcessingContext, process_txt2img
+    from modules.plan import make_plan
     from modules.request import GenerationRequest
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -50,7 +51,7 @@ def main() -> None:
             ctx = ProcessingContext(model=model, model_ref=ModelRef("tiny-sd1", None), opts=opts,
                                     device=torch.device("cpu"), dtype=torch.float32, outputs_dir=Path(tmp),
                                     control=job.control, progress=job.progress)
-            return process_txt2img(job.request, ctx)
+            return process_txt2img(make_plan(job.request), ctx)
 
         queue = JobQueue(runner)
         queue.start()

@@ -156,6 +156,7 @@ def backend_generation(steps: int, size: int) -> Callable[[], tuple[float, float
     from modules.model_manager import ModelRef
     from modules.options import Options
     from modules.processing import ProcessingContext, process_txt2img
+    from modules.plan import make_plan
     from modules.request import GenerationRequest
 
     tmp = Path(tempfile.mkdtemp(prefix="athanor-bench-"))
@@ -166,7 +167,7 @@ def backend_generation(steps: int, size: int) -> Callable[[], tuple[float, float
     def runner(job):
         ctx = ProcessingContext(model=model, model_ref=ModelRef("tiny", None), opts=opts, device=torch.device("cpu"),
                                 dtype=torch.float32, outputs_dir=tmp, control=job.control, progress=job.progress)
-        return process_txt2img(job.request, ctx)
+        return process_txt2img(make_plan(job.request), ctx)
 
     queue = JobQueue(runner)
     queue.start()

@@ -353,7 +353,7 @@ def start_job(hooks: HookRegistry, scripts: ScriptRegistry, request: Any, ctx: A
 
     The copy is shallow: scripts assign fields (`p.request.steps = 10`) rather than change lists in place.
     Sets `ctx.job_session`, `ctx.embedding_lookup` and `ctx.known_networks`. Run the generation
-    as `with session: session.run(lambda: process(session.job.request, ctx))`.
+    as `with session: session.run(lambda: process(make_plan(session.job.request), ctx))`.
     Raises ValueError for unknown scripts or bad script arguments.
     """
     run = scripts.resolve(request)

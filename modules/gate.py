@@ -4,7 +4,8 @@ The page, the A1111 API, the native job API and the requests scripts make (X/Y/Z
 tiles) all meet the same checks, in one place:
 
 - the server's limits (`--max-steps`, `--max-images`, `--max-pixels`, `--max-prompt-length`): `RequestLimits`;
-- the sampler and schedule type (and the hires. fix pass's), and a step count the sampler can run;
+- the sampler and schedule type (and the hires. fix pass's), and a step count the sampler can run: resolved
+  once into the request's `GenerationPlan` (modules/plan.py), which the job then runs;
 - the scripts the request names and their arguments; a selectable script that knows which requests it will
   run (`Script.planned_requests`) has every one of them checked too, and their total work, before the job
   is queued; each request a script actually runs is checked again when it runs (`Gate.check_running`).
@@ -17,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from modules import samplers
+from modules.plan import GenerationPlan, make_plan
 from modules.request import GenerationRequest, RequestError
 
-__all__ = ["Gate", "RequestError", "RequestLimits", "check_request", "check_sampler"]
+__all__ = ["Gate", "GenerationPlan", "RequestError", "RequestLimits", "check_request"]
 
 
 @dataclass(frozen=True)
@@ -99,38 +100,18 @@ class RequestLimits:
         return out
 
 
-def check_sampler(field: str, name: str | None, schedule: str | None, steps: int | None = None, *,
-                  steps_field: str = "steps") -> None:
-    """RequestError naming the field for an unknown sampler or schedule type, or a step count the sampler
-    cannot run."""
-    try:
-        sampler, _ = samplers.resolve_sampler(name, schedule)
-    except samplers.UnsupportedScheduleError as exc:
-        raise RequestError("scheduler" if field == "sampler_name" else "hr_scheduler", str(exc)) from None
-    except ValueError as exc:
-        raise RequestError(field, str(exc)) from None
-    if steps is not None:
-        try:
-            samplers.check_steps(sampler, steps)
-        except ValueError as exc:
-            raise RequestError(steps_field, str(exc)) from None
-
-
 _IMAGE_FIELDS = frozenset({"init_images", "mask"})
 
 
-def check_request(request: GenerationRequest, limits: RequestLimits) -> None:
-    """The checks one request needs on its own: limits, samplers. RequestError listing every limit it breaks."""
+def check_request(request: GenerationRequest, limits: RequestLimits) -> GenerationPlan:
+    """The checks one request needs on its own (the limits, every limit it breaks at once), then its plan
+    (samplers, steps, hires. fix geometry). RequestError naming the fields."""
     fields = {name: getattr(request, name) for name in type(request).model_fields if name not in _IMAGE_FIELDS}
     fields["init_images"] = request.init_images or ()
     problems = [((name,), message) for name, message in limits.violations(fields)]
     if problems:
         raise RequestError("", problems=problems)
-    check_sampler("sampler_name", request.sampler_name, request.scheduler, request.steps)
-    if request.kind == "txt2img" and request.enable_hr:
-        check_sampler("hr_sampler_name", request.hr_sampler_name or request.sampler_name,
-                      request.hr_scheduler or request.scheduler, request.hr_second_pass_steps or request.steps,
-                      steps_field="hr_second_pass_steps")
+    return make_plan(request)
 
 
 class Gate:
@@ -142,12 +123,12 @@ class Gate:
         self.scripts = scripts  # modules.scripts.ScriptRegistry (None: no scripts)
         self.styles = styles  # modules.styles.StyleDatabase (None: requests may name no styles)
 
-    def admit(self, request: GenerationRequest) -> GenerationRequest:
-        """The request as it will run (styles applied), or RequestError; nothing invalid gets past."""
+    def admit(self, request: GenerationRequest) -> GenerationPlan:
+        """The plan of the request as it will run (styles applied), or RequestError; nothing invalid gets past."""
         request = self.apply_styles(request)
-        check_request(request, self.limits)
+        plan = check_request(request, self.limits)
         if self.scripts is None:
-            return request
+            return plan
         try:
             run = self.scripts.resolve(request)
         except RequestError:
@@ -158,7 +139,7 @@ class Gate:
         if run.selectable is not None:
             script, args = run.selectable
             self._check_planned(script, request, args)
-        return request
+        return plan
 
     def apply_styles(self, request: GenerationRequest) -> GenerationRequest:
         """A1111's rule, the same for the page and both APIs: the named styles wrap the prompt, the negative
@@ -180,8 +161,9 @@ class Gate:
             update["hr_negative_prompt"] = hr_negative
         return request.model_copy(update=update)
 
-    def check_running(self, request: GenerationRequest) -> None:
-        check_request(request, self.limits)
+    def plan_running(self, request: GenerationRequest) -> GenerationPlan:
+        """The plan for a generation a job runs that differs from the one admitted (a script changed it)."""
+        return check_request(request, self.limits)
 
     def _check_planned(self, script: Any, request: GenerationRequest, args: dict[str, Any]) -> None:
         planner = getattr(script, "planned_requests", None)

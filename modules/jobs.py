@@ -15,7 +15,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from modules.devices import is_oom
 from modules.job_state import GenerationResult, JobControl, Progress
@@ -51,6 +51,7 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     done: threading.Event = field(default_factory=threading.Event)
     seq: int = 0
+    plan: Any = None  # modules.plan.GenerationPlan, made by the request gate at submission
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -89,14 +90,15 @@ class JobQueue:
         self._thread: threading.Thread | None = None
 
     # -- submission and lookup --------------------------------------------------------------
-    def submit(self, request: GenerationRequest, owner: str = "local") -> Job:
+    def submit(self, request: GenerationRequest, owner: str = "local", *, plan: Any = None) -> Job:
+        """Queue `request` for `owner`; `plan` is its GenerationPlan when the request gate made one."""
         with self._lock:
             if self._stopping:
                 raise QueueFullError("The server is shutting down and accepts no new jobs")
             queue = self._pending.setdefault(owner, collections.deque())
             if len(queue) >= self._max_per_user:
                 raise QueueFullError(f"You already have {len(queue)} jobs waiting (limit {self._max_per_user})")
-            job = Job(request=request, owner=owner, seq=next(self._seq))
+            job = Job(request=request, owner=owner, seq=next(self._seq), plan=plan)
             queue.append(job)
             if owner not in self._users:
                 # A newcomer goes before the user served last (who sits at the end after being served),

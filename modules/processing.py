@@ -14,8 +14,9 @@
     and after the last batch:
     9. the grid (saved when asked) and the job's `info`
 
-The caller (the job worker) owns the model and hands in an immutable settings snapshot, so nothing here
-reads or writes global state. What the steps use lives in modules with one job each: `vae_codec` (pixels
+The caller (the job worker) owns the model and hands in the request's `GenerationPlan` (modules/plan.py:
+the request with its samplers, steps and hires geometry resolved once, at the queue's door) and an immutable
+settings snapshot, so nothing here looks a name up again or reads or writes global state. What the steps use lives in modules with one job each: `vae_codec` (pixels
 <-> latents), `image_conditioning` (inpainting channels, latent masks, img2img's init), `sampling` (which
 steps run and the loop), `hires_geometry`, `generation_info` (infotext and `info`), `images.save_output`
 (the one save path) and `job_state` (progress, interrupt, result).
@@ -42,7 +43,8 @@ from PIL import Image
 from modules import extra_networks, images, masking, rng, samplers, sampling
 from modules.conditioning import PromptEncoder, schedule_multicond, schedule_prompt
 from modules.generation_info import build_infotext, info_dict
-from modules.hires_geometry import HiresTarget, hires_target
+from modules.hires_geometry import HiresTarget
+from modules.plan import GenerationPlan
 from modules.hooks import BeforePromptParseParams, HookRegistry
 from modules.image_conditioning import (LatentMask, inpainting_image_conditioning, prepare_img2img, sdxl_time_ids,
                                         txt2img_image_conditioning, uses_inpainting_conditioning)
@@ -76,19 +78,20 @@ class ProcessingContext:
     job_session: Any = None  # modules.extension_runtime.JobSession
 
 
-def process(req: GenerationRequest, ctx: ProcessingContext) -> GenerationResult:
-    """Run a request of either kind."""
-    with circular_padding(ctx.model, req.tiling):
-        return process_img2img(req, ctx) if req.kind == "img2img" else process_txt2img(req, ctx)
+def process(plan: GenerationPlan, ctx: ProcessingContext) -> GenerationResult:
+    """Run a planned request of either kind."""
+    with circular_padding(ctx.model, plan.request.tiling):
+        return process_img2img(plan, ctx) if plan.kind == "img2img" else process_txt2img(plan, ctx)
 
 
 # -- txt2img ------------------------------------------------------------------------------------
 
-def process_txt2img(req: GenerationRequest, ctx: ProcessingContext) -> GenerationResult:
-    """txt2img, with the hires fix when `req.enable_hr`."""
-    # 1. check inputs
+def process_txt2img(plan: GenerationPlan, ctx: ProcessingContext) -> GenerationResult:
+    """txt2img, with the hires fix when the request enables it."""
+    # 1. check inputs (the request gate resolved samplers, steps and the hires geometry into the plan)
+    req = plan.request
     _check_inputs(req, ctx)
-    sampler, schedule, schedule_label = _first_pass_sampler(req)
+    sampler, schedule, schedule_label = plan.first_pass.sampler, plan.first_pass.schedule, plan.first_pass.schedule_label
     model = ctx.model
     inpainting = uses_inpainting_conditioning(model)
 
@@ -99,7 +102,7 @@ def process_txt2img(req: GenerationRequest, ctx: ProcessingContext) -> Generatio
     fields: dict[str, Any] = {}
     if inpainting:
         fields["Conditional mask weight"] = float(ctx.opts.get("inpainting_mask_weight", 1.0))
-    hr = _hires_setup(req, sampler, schedule_label, job, fields) if req.enable_hr else None
+    hr = _hires_setup(plan, job, fields) if plan.hires_pass is not None else None
     passes = 2 if hr is not None else 1
     shape = (model.vae.config.latent_channels, req.height // LATENT_FACTOR, req.width // LATENT_FACTOR)
     # A1111 computes prompt schedules over its own count of steps (2x for second-order samplers)
@@ -156,14 +159,15 @@ def _txt2img_fields(fields: dict[str, Any], hr: _HiresSetup | None, index: int, 
 
 # -- img2img ------------------------------------------------------------------------------------
 
-def process_img2img(req: GenerationRequest, ctx: ProcessingContext) -> GenerationResult:
+def process_img2img(plan: GenerationPlan, ctx: ProcessingContext) -> GenerationResult:
     """img2img and inpainting (A1111's `StableDiffusionProcessingImg2Img`)."""
     # 1. check inputs
+    req = plan.request
     _check_inputs(req, ctx)
     if not req.init_images:
         raise ValueError("img2img needs at least one init image")
     opts = ctx.opts
-    sampler, schedule, schedule_label = _first_pass_sampler(req)
+    sampler, schedule, schedule_label = plan.first_pass.sampler, plan.first_pass.schedule, plan.first_pass.schedule_label
     plan = img2img_plan(req.steps, req.denoising_strength, bool(opts.get("img2img_fix_steps", False)))
     if plan.run:
         samplers.check_steps(sampler, plan.total)
@@ -232,24 +236,17 @@ class _HiresSetup:
     warned: set[str] = field(default_factory=set)  # unknown extra networks in these prompts, reported once
 
 
-def _hires_setup(req: GenerationRequest, sampler: samplers.SamplerInfo, schedule_label: str, job: _Job,
-                 fields: dict[str, Any]) -> _HiresSetup:
-    """Resolve the hires pass and record its infotext fields in A1111's order."""
-    target = hires_target(req.width, req.height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
-    final_w, final_h = target.final_size
-    if min(final_w, final_h) < 64 or max(target.width, target.height) > 16384:
-        raise ValueError(f"The hires fix would make a {final_w}x{final_h} image; each side must be between 64 "
-                         "and 16384 pixels")
-    hr_sampler, hr_schedule = samplers.resolve_sampler(req.hr_sampler_name or req.sampler_name,
-                                                       req.hr_scheduler or req.scheduler)
-    steps = req.hr_second_pass_steps or req.steps
-    samplers.check_steps(hr_sampler, steps)
+def _hires_setup(plan: GenerationPlan, job: _Job, fields: dict[str, Any]) -> _HiresSetup:
+    """The planned hires pass, with its infotext fields recorded in A1111's order."""
+    req, target, hires = plan.request, plan.hires_target, plan.hires_pass
+    sampler, schedule_label = plan.first_pass.sampler, plan.first_pass.schedule_label
+    hr_sampler, hr_schedule, steps = hires.sampler, hires.schedule, hires.steps
     fields["Denoising strength"] = req.denoising_strength
     if req.hr_sampler_name is not None and hr_sampler.name != sampler.name:
         fields["Hires sampler"] = hr_sampler.name
     fields["Hires prompt"] = None  # per image, see `_txt2img_fields`; the key keeps A1111's position
     fields["Hires negative prompt"] = None
-    hr_label = samplers.effective_schedule_label(hr_sampler, hr_schedule, req.hr_scheduler or req.scheduler)
+    hr_label = hires.schedule_label
     # A1111 notes the hires schedule type only when its k-diffusion sampler builds one the first pass did not use
     if hr_sampler.supports_schedules and hr_label != samplers.AUTOMATIC.label and hr_label != schedule_label:
         fields["Hires schedule type"] = hr_label
@@ -364,13 +361,6 @@ def _check_inputs(req: GenerationRequest, ctx: ProcessingContext) -> None:
     if req.width < 64 or req.height < 64:
         # Smaller images give latents under 8x8, which the UNet's down-sampling cannot handle.
         raise ValueError(f"Width and height must be at least 64 (got {req.width}x{req.height})")
-
-
-def _first_pass_sampler(req: GenerationRequest) -> tuple[samplers.SamplerInfo, samplers.ScheduleType, str]:
-    """The sampler, its schedule and the schedule's name as the infotext writes it; bad names or steps raise."""
-    sampler, schedule = samplers.resolve_sampler(req.sampler_name, req.scheduler)
-    samplers.check_steps(sampler, req.steps)
-    return sampler, schedule, samplers.effective_schedule_label(sampler, schedule, req.scheduler)
 
 
 def _start_job(req: GenerationRequest, ctx: ProcessingContext, sampler: samplers.SamplerInfo, schedule_label: str,

@@ -2,8 +2,8 @@
 
 For each job: the settings snapshot with the request's overrides, the checkpoint and VAE it needs (a
 per-request checkpoint lasts for that job only), the extension session (scripts, extra networks, weight
-patches, all undone at the end), then `processing.process`. Every generation the job runs, also those a
-script makes with `p.process_images()`, passes the request gate again first.
+patches, all undone at the end), then `processing.process` over the job's GenerationPlan. A generation a
+script makes with `p.process_images()` from a changed request is planned and checked by the gate again.
 """
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ class LocalWorker:
             session = start_job(self.extensions.hooks, self.extensions.scripts, request, ctx)
 
             def generate():
-                current = session.job.request  # scripts may have changed it: through the gate again
-                self.gate.check_running(current)
-                return process(current, ctx)  # txt2img or img2img, by request.kind
+                current = session.job.request  # a script may have changed it: then it is planned (and checked) again
+                plan = job.plan if job.plan is not None and current == job.plan.request else \
+                    self.gate.plan_running(current)
+                return process(plan, ctx)  # txt2img or img2img, by request.kind
 
             with session:
                 return session.run(generate)

@@ -8,6 +8,7 @@ from modules.conditioning import CHUNK_LENGTH, PromptEncoder
 from modules.model_manager import ModelRef
 from modules.options import Options
 from modules.processing import ProcessingContext, process_txt2img
+from modules.plan import make_plan
 from modules.request import GenerationRequest
 from modules.sampling import CFGDenoiser
 from modules.conditioning import Conditioning, MultiCondSchedule, PromptSchedule, ScheduledConditioning
@@ -139,7 +140,7 @@ def recorded_contexts(model, prompt, steps, tmp_path, **fields):
                                 device=torch.device("cpu"), dtype=torch.float32, outputs_dir=tmp_path)
         req = GenerationRequest(prompt=prompt, width=64, height=64, steps=steps, seed=3, sampler_name="Euler",
                                 save_images=False, **fields)
-        process_txt2img(req, ctx)
+        process_txt2img(make_plan(req), ctx)
     finally:
         handle.remove()
     return seen

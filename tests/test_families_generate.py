@@ -8,6 +8,7 @@ import torch
 from modules.model_manager import ModelRef
 from modules.options import Options
 from modules.processing import ProcessingContext, process_txt2img
+from modules.plan import make_plan
 from modules.request import GenerationRequest
 
 from tests.tiny_checkpoints import tiny_loaded_model
@@ -27,8 +28,8 @@ def test_family_generates_reproducibly(family, tmp_path):
                             device=torch.device("cpu"), dtype=torch.float32, outputs_dir=tmp_path)
     req = GenerationRequest(prompt="a cat", width=64, height=64, steps=3, seed=9, sampler_name="Euler a")
     try:
-        first = process_txt2img(req, ctx)
-        second = process_txt2img(req, ctx)
+        first = process_txt2img(make_plan(req), ctx)
+        second = process_txt2img(make_plan(req), ctx)
     finally:
         handle.remove()
     a, b = np.asarray(first.images[0]), np.asarray(second.images[0])

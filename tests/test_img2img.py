@@ -13,6 +13,7 @@ from modules.image_conditioning import prepare_img2img
 from modules.model_manager import ModelRef
 from modules.options import Options
 from modules.processing import ProcessingContext, process_img2img, process_txt2img
+from modules.plan import make_plan
 from modules.request import GenerationRequest
 from modules.sampling import StepPlan, img2img_plan
 from modules.vae_codec import decode_latents, encode_pixels, pil_to_tensor, to_pil
@@ -108,10 +109,10 @@ def test_step_counts_follow_a1111():
 
 def test_img2img_runs_strength_times_steps(sd1, tmp_path):
     with UNetInputs(sd1) as seen:
-        process_img2img(request(init_images=[picture()], steps=10, denoising_strength=0.5), context(sd1, tmp_path))
+        process_img2img(make_plan(request(init_images=[picture()], steps=10, denoising_strength=0.5)), context(sd1, tmp_path))
     assert len(seen.samples) == 6  # int(0.5 * 10) + 1
     with UNetInputs(sd1) as seen:
-        process_img2img(request(init_images=[picture()], steps=10, denoising_strength=0.5),
+        process_img2img(make_plan(request(init_images=[picture()], steps=10, denoising_strength=0.5)),
                         context(sd1, tmp_path, {"img2img_fix_steps": True}))
     assert len(seen.samples) == 10
 
@@ -120,7 +121,7 @@ def test_every_sampler_runs_img2img(sd1, tmp_path):
     init = picture()
     for sampler in samplers.SAMPLERS:
         with UNetInputs(sd1) as seen:
-            result = process_img2img(request(init_images=[init], sampler_name=sampler.name, denoising_strength=0.5),
+            result = process_img2img(make_plan(request(init_images=[init], sampler_name=sampler.name, denoising_strength=0.5)),
                                      context(sd1, tmp_path))
         run = img2img_plan(4, 0.5, fix_steps=False).run  # 3 steps
         # diffusers' second-order schedulers call the model twice per step but once on the last; PLMS once more
@@ -137,7 +138,7 @@ def test_init_latent_is_noised_to_where_the_schedule_starts(sd1, tmp_path, sampl
     init = prepare_img2img(req, ctx, [req.seed]).init_latent
     noise = rng.ImageRNG(init.shape[1:], [req.seed]).first()
     with UNetInputs(sd1) as seen:
-        process_img2img(req, ctx)
+        process_img2img(make_plan(req), ctx)
     sampler, schedule = samplers.resolve_sampler(sampler_name)
     scheduler = samplers.build_scheduler(sampler, schedule, sd1.scheduler_config, seeds=[0])
     scheduler.set_timesteps(10)
@@ -157,13 +158,13 @@ def test_init_latent_is_noised_to_where_the_schedule_starts(sd1, tmp_path, sampl
 def test_denoising_zero_returns_the_init_image_exactly(sd1, tmp_path):
     init = picture()
     with UNetInputs(sd1) as seen:
-        result = process_img2img(request(init_images=[init], denoising_strength=0.0), context(sd1, tmp_path))
+        result = process_img2img(make_plan(request(init_images=[init], denoising_strength=0.0)), context(sd1, tmp_path))
     assert not seen.samples  # no step runs
     assert np.array_equal(px(result.images[0]), px(init))
     # with a mask, too: nothing is repainted (where the blurred mask is partial, compositing the original over
     # itself in premultiplied alpha may round by a few levels, as in A1111)
     mask = rect_mask((W, H), (8, 8, 40, 40))
-    masked = process_img2img(request(init_images=[init], denoising_strength=0.0, mask=mask), context(sd1, tmp_path))
+    masked = process_img2img(make_plan(request(init_images=[init], denoising_strength=0.0, mask=mask)), context(sd1, tmp_path))
     blurred = np.asarray(masking.blur_mask(mask, 4, 4))
     solid = (blurred == 0) | (blurred == 255)
     assert np.array_equal(px(masked.images[0])[solid], px(init)[solid])
@@ -175,7 +176,7 @@ def test_denoising_zero_with_latent_upscale_is_the_vae_round_trip(sd1, tmp_path)
     req = request(init_images=[init], denoising_strength=0.0, resize_mode=3)
     ctx = context(sd1, tmp_path)
     with UNetInputs(sd1) as seen:
-        result = process_img2img(req, ctx)
+        result = process_img2img(make_plan(req), ctx)
     assert not seen.samples
     # resize mode 3 scales the latent, so the only way back to pixels is the VAE: decode(scaled encode(init))
     latent = F.interpolate(encode_pixels(sd1, pil_to_tensor([init])), size=(H // 8, W // 8), mode="bilinear")
@@ -190,8 +191,8 @@ def test_pixels_outside_the_blurred_mask_are_the_original(sd1, tmp_path, only_ma
     size = (96, 64) if only_masked else (W, H)  # only masked keeps the original size
     init = picture(*size)
     mask = rect_mask(size, (40, 20, 64, 40))
-    result = process_img2img(request(init_images=[init], mask=mask, inpaint_full_res=only_masked, inpainting_fill=fill,
-                                     inpaint_full_res_padding=8, denoising_strength=0.9), context(sd1, tmp_path))
+    result = process_img2img(make_plan(request(init_images=[init], mask=mask, inpaint_full_res=only_masked, inpainting_fill=fill,
+                                     inpaint_full_res_padding=8, denoising_strength=0.9)), context(sd1, tmp_path))
     out, orig = px(result.images[0]), px(init)
     assert out.shape == orig.shape
     blurred = np.asarray(masking.blur_mask(mask, 4, 4))
@@ -202,7 +203,7 @@ def test_pixels_outside_the_blurred_mask_are_the_original(sd1, tmp_path, only_ma
 def test_inverted_mask_repaints_the_outside(sd1, tmp_path):
     init = picture()
     mask = rect_mask((W, H), (16, 16, 48, 48))
-    result = process_img2img(request(init_images=[init], mask=mask, inpainting_mask_invert=1, denoising_strength=0.9),
+    result = process_img2img(make_plan(request(init_images=[init], mask=mask, inpainting_mask_invert=1, denoising_strength=0.9)),
                              context(sd1, tmp_path))
     out, orig = px(result.images[0]), px(init)
     kept = np.asarray(masking.blur_mask(mask, 4, 4)) == 255  # inverted and blurred: 0 well inside the rectangle
@@ -294,7 +295,7 @@ def test_inpainting_checkpoint_receives_mask_and_masked_image(inpaint_model, tmp
     mask = rect_mask((W, H), (16, 16, 48, 48))
     req = request(init_images=[init], mask=mask, mask_blur=0, denoising_strength=0.5, steps=2)
     with UNetInputs(inpaint_model) as seen:
-        result = process_img2img(req, context(inpaint_model, tmp_path))
+        result = process_img2img(make_plan(req), context(inpaint_model, tmp_path))
     x = seen.samples[0]
     assert x.shape[1] == 9
     expected_mask = torch.zeros(8, 8)
@@ -312,13 +313,13 @@ def test_inpainting_checkpoint_receives_mask_and_masked_image(inpaint_model, tmp
 
     # weight 0 keeps the whole image in the conditioning
     with UNetInputs(inpaint_model) as seen:
-        process_img2img(req, context(inpaint_model, tmp_path, {"inpainting_mask_weight": 0.0}))
+        process_img2img(make_plan(req), context(inpaint_model, tmp_path, {"inpainting_mask_weight": 0.0}))
     assert torch.allclose(seen.samples[0][0, 5:], encode_pixels(inpaint_model, pil_to_tensor([init]))[0], atol=1e-5)
 
     # txt2img with an inpainting checkpoint: everything masked, a grey image
     with UNetInputs(inpaint_model) as seen:
-        process_txt2img(GenerationRequest(prompt="a cat", width=W, height=H, steps=2, seed=1, sampler_name="Euler",
-                                          save_images=False), context(inpaint_model, tmp_path))
+        process_txt2img(make_plan(GenerationRequest(prompt="a cat", width=W, height=H, steps=2, seed=1, sampler_name="Euler",
+                                          save_images=False)), context(inpaint_model, tmp_path))
     x = seen.samples[0]
     assert torch.all(x[:, 4] == 1)
     grey = encode_pixels(inpaint_model, torch.full((1, 3, H, W), 0.5))
@@ -350,7 +351,7 @@ def test_resize_modes_size_and_placement():
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 def test_img2img_output_size_for_each_resize_mode(sd1, tmp_path, mode):
     init = picture(96, 48)
-    result = process_img2img(request(init_images=[init], resize_mode=mode, denoising_strength=0.0),
+    result = process_img2img(make_plan(request(init_images=[init], resize_mode=mode, denoising_strength=0.0)),
                              context(sd1, tmp_path))
     assert result.images[0].size == (W, H)
     if mode != 3:  # no step: exactly the resized init image
@@ -363,7 +364,7 @@ def test_hires_fix_size_and_second_pass_steps(sd1, tmp_path):
     req = GenerationRequest(prompt="a cat", width=W, height=H, steps=3, seed=5, sampler_name="Euler", save_images=False,
                             enable_hr=True, hr_scale=1.5, hr_second_pass_steps=5, denoising_strength=0.5)
     with UNetInputs(sd1) as seen:
-        result = process_txt2img(req, context(sd1, tmp_path))
+        result = process_txt2img(make_plan(req), context(sd1, tmp_path))
     assert result.images[0].size == (96, 96)
     sizes = [tuple(x.shape[-2:]) for x in seen.samples]
     assert sizes == [(8, 8)] * 3 + [(12, 12)] * 5  # first pass, then exactly the requested hires steps
@@ -375,7 +376,7 @@ def test_hires_fix_size_and_second_pass_steps(sd1, tmp_path):
     wide = req.model_copy(update={"hr_resize_x": 128, "hr_resize_y": 64, "hr_second_pass_steps": 0,
                                   "hr_upscaler": "Lanczos"})
     with UNetInputs(sd1) as seen:
-        result = process_txt2img(wide, context(sd1, tmp_path))
+        result = process_txt2img(make_plan(wide), context(sd1, tmp_path))
     assert result.images[0].size == (128, 64)
     assert len(seen.samples) == 3 + 3  # hires steps 0: the same as steps
     assert "Hires resize: 128x64" in result.infotexts[0] and "Hires steps" not in result.infotexts[0]
@@ -387,7 +388,7 @@ def test_hires_prompt_editing_uses_the_hires_schedule(sd1, tmp_path):
                             cfg_scale=1.0, save_images=False, enable_hr=True, hr_scale=1.5, denoising_strength=1.0)
     ctx = context(sd1, tmp_path)
     with UNetInputs(sd1) as seen:
-        process_txt2img(req, ctx)
+        process_txt2img(make_plan(req), ctx)
     encoder = PromptEncoder(sd1, ctx.opts, device=ctx.device, dtype=ctx.dtype)
     cat, dog = encoder.encode("cat").context, encoder.encode("dog").context
     used = ["cat" if torch.allclose(c, cat) else "dog" if torch.allclose(c, dog) else "?" for c in seen.contexts]
@@ -398,7 +399,7 @@ def test_hires_sampler_and_prompt_fields(sd1, tmp_path):
     req = GenerationRequest(prompt="a cat", width=W, height=H, steps=2, seed=5, sampler_name="Euler", save_images=False,
                             enable_hr=True, hr_scale=1.5, hr_sampler_name="DPM++ 2M", hr_prompt="a dog",
                             hr_upscaler="Nearest")
-    result = process_txt2img(req, context(sd1, tmp_path))
+    result = process_txt2img(make_plan(req), context(sd1, tmp_path))
     assert result.images[0].size == (96, 96)
     assert ("Hires sampler: DPM++ 2M, Hires prompt: a dog, Hires schedule type: Karras, Hires upscale: 1.5, "
             "Hires upscaler: Nearest") in result.infotexts[0]
@@ -411,7 +412,7 @@ def test_img2img_infotext_and_output_folder(sd1, tmp_path):
     req = request(init_images=[init], mask=rect_mask((96, 64), (40, 20, 64, 40)), inpainting_mask_invert=1,
                   mask_blur=6, inpainting_fill=0, inpaint_full_res=True, inpaint_full_res_padding=16,
                   initial_noise_multiplier=0.9, save_images=True, steps=2)
-    result = process_img2img(req, context(sd1, tmp_path))
+    result = process_img2img(make_plan(req), context(sd1, tmp_path))
     saved = list((tmp_path / "img2img-images").rglob("*.png"))
     assert [p.name for p in saved] == ["00000-1234.png"]
     with Image.open(saved[0]) as im:
@@ -426,26 +427,26 @@ def test_empty_and_full_masks(sd1, tmp_path):
     init = picture()
     black, white = Image.new("L", (W, H)), Image.new("L", (W, H), 255)
     # whole picture with an empty mask: nothing to repaint
-    kept = process_img2img(request(init_images=[init], mask=black, denoising_strength=0.9), context(sd1, tmp_path))
+    kept = process_img2img(make_plan(request(init_images=[init], mask=black, denoising_strength=0.9)), context(sd1, tmp_path))
     assert np.array_equal(px(kept.images[0]), px(init))
     # only masked with an empty mask: A1111 falls back to img2img of the whole picture
     wide = picture(96, 48)
-    fallback = process_img2img(request(init_images=[wide], mask=Image.new("L", (96, 48)), inpaint_full_res=True,
-                                       denoising_strength=0.9), context(sd1, tmp_path))
+    fallback = process_img2img(make_plan(request(init_images=[wide], mask=Image.new("L", (96, 48)), inpaint_full_res=True,
+                                       denoising_strength=0.9)), context(sd1, tmp_path))
     assert fallback.images[0].size == (W, H)
     assert "Inpaint area" not in fallback.infotexts[0]
     assert any("mask is blank" in c for c in fallback.comments)
     # a full mask repaints everything, in both inpaint areas
     for only_masked in (False, True):
-        full = process_img2img(request(init_images=[init], mask=white, inpaint_full_res=only_masked,
-                                       denoising_strength=0.9), context(sd1, tmp_path))
+        full = process_img2img(make_plan(request(init_images=[init], mask=white, inpaint_full_res=only_masked,
+                                       denoising_strength=0.9)), context(sd1, tmp_path))
         assert np.abs(px(full.images[0]) - px(init)).mean() > 5
 
 
 def test_mask_of_another_size_is_stretched_to_the_image(sd1, tmp_path):
     init = picture()
     big = rect_mask((128, 128), (64, 64, 128, 128))  # the bottom-right quarter, at twice the size
-    result = process_img2img(request(init_images=[init], mask=big, mask_blur=0, denoising_strength=0.9),
+    result = process_img2img(make_plan(request(init_images=[init], mask=big, mask_blur=0, denoising_strength=0.9)),
                              context(sd1, tmp_path))
     out, orig = px(result.images[0]), px(init)
     # (Lanczos rings a pixel or two beyond the stretched edge)
@@ -480,7 +481,7 @@ def test_bad_inputs_are_clear_errors(sd1, tmp_path):
                                            context={"max_image_side": 8192})
     assert big.init_images[0].size == (4100, 8)
     with pytest.raises(ValueError, match="between 64 and 16384"):
-        process_txt2img(GenerationRequest(width=W, height=H, steps=1, enable_hr=True, hr_scale=0.5, save_images=False),
+        process_txt2img(make_plan(GenerationRequest(width=W, height=H, steps=1, enable_hr=True, hr_scale=0.5, save_images=False)),
                         context(sd1, tmp_path))
 
 

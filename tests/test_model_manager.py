@@ -16,6 +16,7 @@ from modules.model_manager import BUILTIN_TITLE, ModelManager
 from modules.model_registry import HashCache, ModelRegistry
 from modules.options import Options
 from modules.processing import ProcessingContext, process_txt2img
+from modules.plan import make_plan
 from modules.request import GenerationRequest
 
 from tests.tiny_checkpoints import tiny_checkpoint_path
@@ -40,7 +41,7 @@ def generate(active, tmp_path, seed=7):
                             device=torch.device("cpu"), dtype=torch.float32, outputs_dir=tmp_path)
     req = GenerationRequest(prompt="a cat", width=64, height=64, steps=2, seed=seed, sampler_name="Euler",
                             save_images=False)
-    result = process_txt2img(req, ctx)
+    result = process_txt2img(make_plan(req), ctx)
     return np.asarray(result.images[0]), result.infotexts[0]
 
 

@@ -10,6 +10,7 @@ from modules import infotext, samplers
 from modules.model_manager import ModelRef
 from modules.options import Options
 from modules.processing import ProcessingContext, process_txt2img
+from modules.plan import make_plan
 from modules.request import GenerationRequest
 from modules.vae_codec import decode_latents
 
@@ -28,7 +29,7 @@ def run(model, tmp_path, opts_overrides=None, **fields):
     base.update(fields)
     ctx = ProcessingContext(model=model, model_ref=ModelRef("tiny-sd1", "0123456789"), opts=opts,
                             device=torch.device("cpu"), dtype=torch.float32, outputs_dir=tmp_path)
-    return process_txt2img(GenerationRequest(**base), ctx)
+    return process_txt2img(make_plan(GenerationRequest(**base)), ctx)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -144,7 +145,7 @@ def test_interrupt_keeps_partial_batch(model, tmp_path):
     ctx.progress = Watch()
     req = GenerationRequest(prompt="x", width=64, height=64, steps=10, n_iter=3, seed=5, sampler_name="Euler",
                             save_images=False)
-    result = process_txt2img(req, ctx)
+    result = process_txt2img(make_plan(req), ctx)
     assert result.interrupted
     assert len(result.images) == 1  # the first batch stopped at step 2; batches 2 and 3 never ran
     assert calls == [2]
@@ -170,7 +171,7 @@ def test_tiling_wraps_convolutions_for_the_job_only(model, tmp_path):
                             dtype=torch.float32, outputs_dir=tmp_path)
     req = GenerationRequest(prompt="a red cat", negative_prompt="blurry", width=64, height=64, steps=4, seed=1234,
                             sampler_name="Euler", tiling=True, save_images=False)
-    tiled = process(req, ctx)
+    tiled = process(make_plan(req), ctx)
     assert "Tiling: True" in tiled.infotexts[0] and "Tiling" not in plain.infotexts[0]
     assert not np.array_equal(pixels(tiled.images[0]), pixels(plain.images[0]))
     convs = [m for m in model.vae.modules() if isinstance(m, torch.nn.Conv2d)]

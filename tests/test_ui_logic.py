@@ -137,7 +137,7 @@ def test_styles_apply_the_same_way_from_every_entry_point(tmp_path):
                          style_names=["oil"], checkpoint=None, builtin=True)
     native = GenerationRequest(prompt="a cat", hr_prompt="a big cat", styles=["oil"])  # what /api/v1/jobs builds
     for request in (page, native):
-        styled = gate.admit(request)
+        styled = gate.admit(request).request  # the plan carries the request as it will run
         assert (styled.prompt, styled.negative_prompt) == ("a cat, oil painting", "photo")
         assert styled.hr_prompt == "a big cat, oil painting" and styled.hr_negative_prompt == ""
         assert styled.styles == ["oil"]
@@ -269,11 +269,12 @@ def test_live_preview_method_setting(method, size, tmp_path):
 
     from modules.model_manager import ModelRef
     from modules.processing import ProcessingContext, process_txt2img
+    from modules.plan import make_plan
 
     opts = Options(None).snapshot({"show_progress_type": method, "show_progress_every_n_steps": 1})
     ctx = ProcessingContext(model=tiny_loaded_model("sd1"), model_ref=ModelRef("tiny", None), opts=opts,
                             device=torch.device("cpu"), dtype=torch.float32, outputs_dir=tmp_path)
-    process_txt2img(GenerationRequest(prompt="a", steps=2, width=64, height=64, save_images=False), ctx)
+    process_txt2img(make_plan(GenerationRequest(prompt="a", steps=2, width=64, height=64, save_images=False)), ctx)
     assert ctx.progress.preview_step == 2
     assert ctx.progress.preview.size == (size, size)
 
