@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--enable-extension", action="append", metavar="NAME",
                      help="enable an extension, run its install.py (if any) and exit; never done while serving")
     ext.add_argument("--disable-extension", action="append", metavar="NAME", help="disable an extension and exit")
+    ext.add_argument("--install-extension", action="append", metavar="URL",
+                     help="git clone an extension from an https:// URL into DATA_DIR/extensions (disabled) and exit")
     ext.add_argument("--list-extensions", action="store_true", help="list the installed extensions and exit")
     ext.add_argument("--disable-all-extensions", action="store_true", help="start without extensions (built-ins too)")
     ext.add_argument("--disable-extra-extensions", action="store_true", help="start with the built-in extensions only")
@@ -244,7 +246,8 @@ class App:
     def submit(self, request, owner: str = "local"):
         """Queue a request from any entry point (page, APIs); RequestError (nothing queued) when the gate
         refuses it."""
-        return self.queue.submit(self.gate.admit(request), owner)
+        plan = self.gate.admit(request)
+        return self.queue.submit(plan.request, owner, plan=plan)
 
 
 def create_server(app: App):
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.nowebui:
         args.api = True
-    if args.enable_extension or args.disable_extension or args.list_extensions:
+    if args.enable_extension or args.disable_extension or args.list_extensions or args.install_extension:
         from modules.extension_commands import handle_extension_commands
         from modules.options import Options
 

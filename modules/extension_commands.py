@@ -98,7 +98,8 @@ def run_install(info: ExtensionInfo, timeout: float = 1800) -> int:
 
 
 def handle_extension_commands(args: Any, opts: Any, user_dir: Path | None) -> int | None:
-    """`--list-extensions`, `--enable-extension NAME`, `--disable-extension NAME`: do it and return an exit code.
+    """`--list-extensions`, `--install-extension URL`, `--enable-extension NAME`, `--disable-extension NAME`: do
+    it and return an exit code.
 
     Returns None when no such flag was given (the server then starts). install.py runs here,
     from the console, and never while the server is listening.
@@ -106,12 +107,18 @@ def handle_extension_commands(args: Any, opts: Any, user_dir: Path | None) -> in
     listing = getattr(args, "list_extensions", False)
     enable = getattr(args, "enable_extension", None)
     disable = getattr(args, "disable_extension", None)
-    if not (listing or enable or disable):
+    install = getattr(args, "install_extension", None)
+    if not (listing or enable or disable or install):
         return None
     manager = ExtensionManager(hooks=HookRegistry(), scripts=ScriptRegistry(), opts=opts, paths=None,
                                user_dir=user_dir)
     manager.infos = manager.discover()
     try:
+        for url in install or []:
+            name = install_from_url(manager, url)
+            print(f"Installed {name} (disabled): python app.py --enable-extension {name} runs its installer and "
+                  "enables it")
+        manager.infos = manager.discover()
         code = _switch(manager, enable or [], disable or [])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

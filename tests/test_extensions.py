@@ -338,6 +338,27 @@ def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path, mo
     assert not (user_dir / "no-such-repo").exists()
 
 
+def test_install_from_the_console(tmp_path, monkeypatch, capsys):
+    import app as appmod
+
+    source = tmp_path / "src" / "console-ext"
+    (source / "scripts").mkdir(parents=True)
+    (source / "scripts" / "hello.py").write_text("def setup(api):\n    pass\n")
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q", str(source)], check=True)
+    subprocess.run(git + ["-C", str(source), "add", "-A"], check=True)
+    subprocess.run(git + ["-C", str(source), "commit", "-qm", "init"], check=True)
+    gitconfig = tmp_path / "gitconfig"
+    gitconfig.write_text(f'[url "{(tmp_path / "src").as_uri()}/"]\n\tinsteadOf = https://git.example.invalid/\n')
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
+    data = tmp_path / "data"
+    assert appmod.main(["--data-dir", str(data), "--install-extension", "https://git.example.invalid/console-ext"]) == 0
+    assert (data / "extensions" / "console-ext" / "scripts" / "hello.py").is_file()
+    assert "Installed console-ext (disabled)" in capsys.readouterr().out
+    assert appmod.main(["--data-dir", str(data), "--install-extension", "file:///etc"]) == 2
+    assert "https://" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("url", [
     "file:///tmp/evil", "FILE:///tmp/evil", "/tmp/evil", "./evil", "../evil", "evil", "ext::sh -c touch% /tmp/pwn",
     "ext::sh", "git://example.com/x.git", "ssh://git@example.com/x.git", "git@example.com:x/y.git",

@@ -327,3 +327,15 @@ def test_the_page_disables_extensions_but_never_enables_one(tmp_path):
     assert changes == {} and errors and "locked" in errors[0].lower()
     with pytest.raises(PermissionError):
         app.opts.set_many({"disabled_extensions": []}, is_api=True)
+
+
+def test_installing_from_the_page_needs_an_admin_login(tmp_path):
+    from app import App, Paths, build_parser
+    from modules.ui.extensions_tab import page_may_install
+
+    local = _page_for(tmp_path / "local")  # no logins: the console does it
+    assert "extensions_install_console" in local and local["install_button"].interactive is False
+    args = build_parser().parse_args(["--data-dir", str(tmp_path / "admins"), "--auth", "boss:pw,guest:pw",
+                                      "--admin-users", "boss"])
+    app = App(args=args, paths=Paths.from_args(args), logins={"boss": "pw", "guest": "pw"})
+    assert page_may_install(app, "boss") and not page_may_install(app, "guest") and not page_may_install(app, None)

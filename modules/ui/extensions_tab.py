@@ -131,7 +131,15 @@ def build_extensions_tab(app: Any) -> ExtensionsTab:
                                   interactive=can_toggle, visible=bool(rows))
                 result = gr.HTML("", elem_id="extensions_result")
         with gr.Tab("Install from URL", id="extensions_install", elem_id="extensions_install_top"):
-            can_install = not listening and isinstance(loader, ExtensionManager)
+            admins_only = page_install_needs_admin(app)
+            can_install = not listening and isinstance(loader, ExtensionManager) and not admins_only
+            if admins_only and not listening:
+                # without logins the page cannot tell its user from a page on another site driving the browser
+                gr.HTML(notice_html("Installing from the page needs an admin login (--auth with --admin-users). "
+                                    "Install on the server's console instead: "
+                                    "<code>python app.py --install-extension https://...</code>", "info"),
+                        elem_id="extensions_install_console")
+                can_install = False
             if listening:
                 gr.HTML(notice_html("Installing extensions is disabled while the server listens on the network: "
                                     "an extension is code that runs on this machine. Install it on the server's "
@@ -143,6 +151,21 @@ def build_extensions_tab(app: Any) -> ExtensionsTab:
                                      interactive=can_install, visible=not listening)
             install = gr.Button("Install", elem_id="install_button", interactive=can_install, visible=not listening)
     return ExtensionsTab(table, enabled, apply, result, install_url, install)
+
+
+def page_install_needs_admin(app: Any) -> bool:
+    """True unless the page has admin logins: installing is for an authenticated admin, or the console."""
+    from modules.auth import auth_config_from_args
+
+    auth = auth_config_from_args(app.args, getattr(app, "logins", {}) or {})
+    return not (auth.enabled and auth.admins)
+
+
+def page_may_install(app: Any, username: str | None) -> bool:
+    from modules.auth import auth_config_from_args
+
+    auth = auth_config_from_args(app.args, getattr(app, "logins", {}) or {})
+    return auth.enabled and bool(auth.admins) and auth.is_admin(username)
 
 
 def apply_enabled(app: Any, names: Iterable[str] | None, *, listening: bool) -> tuple[str, Any]:
@@ -179,10 +202,13 @@ def connect_extensions(app: Any, tab: ExtensionsTab) -> None:
 
     tab.apply.click(on_apply, inputs=[tab.enabled], outputs=[tab.result, tab.table], api_visibility=PRIVATE)
 
-    def on_install(url):
+    def on_install(request: gr.Request, url):  # Gradio passes the request by position: it must come first
         if listening:  # checked again here: the button is hidden, but a crafted request could still arrive
             return notice_html("Installing extensions is disabled while the server listens on the network.",
                                "error"), gr.skip()
+        if not page_may_install(app, getattr(request, "username", None)):
+            return notice_html("Installing from the page needs an admin login; on the server's console run "
+                               "<code>python app.py --install-extension URL</code>.", "error"), gr.skip()
         loader = getattr(app, "extensions", None)
         if not isinstance(loader, ExtensionManager):
             return notice_html("Installing from a URL is not available in this build.", "error"), gr.skip()
