@@ -12,8 +12,6 @@ import io
 import json
 import re
 import shutil
-import socket
-import threading
 import time
 import zlib
 from collections import Counter
@@ -31,6 +29,7 @@ from PIL import Image
 
 import app as appmod
 from modules.auth import is_public_page_path
+from tests.server_helpers import serve_in_thread
 from tests.tiny_checkpoints import tiny_checkpoint_path
 
 USERS = {"alice": "apw", "bob": "bpw", "carol": "cpw"}
@@ -60,16 +59,8 @@ class Server:
         return requests.delete(self.url(path), auth=(user, USERS[user]) if user else None, timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    import uvicorn
-
     data = tmp_path_factory.mktemp("queue")
     (data / "models" / "Stable-diffusion").mkdir(parents=True)
     shutil.copy(tiny_checkpoint_path("sd1"), data / "models" / "Stable-diffusion" / "tiny.safetensors")
@@ -92,19 +83,11 @@ def srv(tmp_path_factory):
     app.hooks.register("before_prompt_parse", record_and_fail, extension="fault-injector")
     app.queue.start()
     server = appmod.create_server(app)
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(server, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uv.started
+    serving = serve_in_thread(server)
     try:
-        yield Server(app, server, port, data, order)
+        yield Server(app, server, serving.port, data, order)
     finally:
-        uv.should_exit = True
-        thread.join(10)
+        serving.stop()
         app.queue.shutdown(wait=5)
 
 

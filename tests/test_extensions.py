@@ -306,13 +306,14 @@ def test_example_extension_through_a_live_server(tmp_path):
         stop(proc)
 
 
-def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path, monkeypatch):
-    # A local git repository stands in for a remote one (no network in tests): git's own insteadOf maps the
-    # https:// URL the user types onto it, so the URL check and the clone run exactly as for a real remote.
-    source = tmp_path / "src" / "my-ext"
+def _fake_remote(tmp_path, monkeypatch, name: str, extra_files: dict[str, str] | None = None) -> str:
+    """A local git repository standing in for a remote one (no network in tests): git's own insteadOf maps the
+    https:// URL a user types onto it, so the URL check and the clone run exactly as for a real remote."""
+    source = tmp_path / "src" / name
     (source / "scripts").mkdir(parents=True)
     (source / "scripts" / "hello.py").write_text("def setup(api):\n    pass\n")
-    (source / "install.py").write_text("raise SystemExit(3)\n")
+    for relative, text in (extra_files or {}).items():
+        (source / relative).write_text(text)
     git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
     subprocess.run(git + ["init", "-q", str(source)], check=True)
     subprocess.run(git + ["-C", str(source), "add", "-A"], check=True)
@@ -320,7 +321,11 @@ def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path, mo
     gitconfig = tmp_path / "gitconfig"
     gitconfig.write_text(f'[url "{(tmp_path / "src").as_uri()}/"]\n\tinsteadOf = https://git.example.invalid/\n')
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
-    url = "https://git.example.invalid/my-ext"
+    return f"https://git.example.invalid/{name}"
+
+
+def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path, monkeypatch):
+    url = _fake_remote(tmp_path, monkeypatch, "my-ext", {"install.py": "raise SystemExit(3)\n"})
 
     user_dir = tmp_path / "extensions"
     manager = manager_for(user_dir)
@@ -341,18 +346,9 @@ def test_install_from_url_clones_disabled_and_never_while_listening(tmp_path, mo
 def test_install_from_the_console(tmp_path, monkeypatch, capsys):
     import app as appmod
 
-    source = tmp_path / "src" / "console-ext"
-    (source / "scripts").mkdir(parents=True)
-    (source / "scripts" / "hello.py").write_text("def setup(api):\n    pass\n")
-    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
-    subprocess.run(git + ["init", "-q", str(source)], check=True)
-    subprocess.run(git + ["-C", str(source), "add", "-A"], check=True)
-    subprocess.run(git + ["-C", str(source), "commit", "-qm", "init"], check=True)
-    gitconfig = tmp_path / "gitconfig"
-    gitconfig.write_text(f'[url "{(tmp_path / "src").as_uri()}/"]\n\tinsteadOf = https://git.example.invalid/\n')
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
+    url = _fake_remote(tmp_path, monkeypatch, "console-ext")
     data = tmp_path / "data"
-    assert appmod.main(["--data-dir", str(data), "--install-extension", "https://git.example.invalid/console-ext"]) == 0
+    assert appmod.main(["--data-dir", str(data), "--install-extension", url]) == 0
     assert (data / "extensions" / "console-ext" / "scripts" / "hello.py").is_file()
     assert "Installed console-ext (disabled)" in capsys.readouterr().out
     assert appmod.main(["--data-dir", str(data), "--install-extension", "file:///etc"]) == 2

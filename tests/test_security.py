@@ -11,8 +11,6 @@ import io
 import json
 import shutil
 import socket
-import threading
-import time
 from argparse import Namespace
 
 import pytest
@@ -20,6 +18,7 @@ from PIL import Image
 
 import app as appmod
 from modules.auth import HostPolicy, split_host
+from tests.server_helpers import serve_in_thread
 from tests.tiny_checkpoints import tiny_checkpoint_path
 
 # (method, path, JSON body or None): one or more routes of every family the server has
@@ -38,12 +37,6 @@ ROUTES = [
     ("GET", "/docs", None),
     ("GET", "/openapi.json", None),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -68,8 +61,6 @@ class Server:
 
 
 def _start(tmp_path_factory, *flags: str):
-    import uvicorn
-
     data = tmp_path_factory.mktemp("security")
     (data / "models" / "Stable-diffusion").mkdir(parents=True)
     shutil.copy(tiny_checkpoint_path("sd1"), data / "models" / "Stable-diffusion" / "tiny.safetensors")
@@ -81,36 +72,24 @@ def _start(tmp_path_factory, *flags: str):
     app = appmod.App(args=args, paths=appmod.Paths.from_args(args))
     app.load_initial_model()
     app.queue.start()
-    server = appmod.create_server(app)
-    port = _free_port()
-    # as app.main runs it: uvicorn's own proxy-header handling off
-    uv = uvicorn.Server(uvicorn.Config(server, host="127.0.0.1", port=port, log_level="warning",
-                                       proxy_headers=False))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uv.started
-    return Server(port, app), uv, thread
+    serving = serve_in_thread(appmod.create_server(app))
+    return Server(serving.port, app), serving
 
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    server, uv, thread = _start(tmp_path_factory)
+    server, serving = _start(tmp_path_factory)
     yield server
-    uv.should_exit = True
-    thread.join(10)
+    serving.stop()
     server.app.queue.shutdown(wait=5)
 
 
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory):
-    server, uv, thread = _start(tmp_path_factory, "--forwarded-allow-ips", "127.0.0.1",
-                                "--allowed-hosts", "studio.example")
+    server, serving = _start(tmp_path_factory, "--forwarded-allow-ips", "127.0.0.1", "--allowed-hosts",
+                             "studio.example")
     yield server
-    uv.should_exit = True
-    thread.join(10)
+    serving.stop()
     server.app.queue.shutdown(wait=5)
 
 

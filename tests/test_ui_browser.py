@@ -161,6 +161,8 @@ def test_page_loads_without_leaving_loopback_and_every_tab_renders(browser, serv
                         "setting_sd_model_checkpoint", "setting_sd_vae", "txt2img_styles", "txt2img_random_seed",
                         "txt2img_reuse_seed", "tab_txt2img-button", "tab_pnginfo-button", "tab_settings-button",
                         "tab_extensions-button"):
+            # Gradio renders the page's components progressively: on a loaded machine some come a moment later
+            page.wait_for_selector(f"#{elem_id}", state="attached", timeout=15_000)
             assert page.locator(f"#{elem_id}").count() == 1, elem_id
         # Gradio 6 renders a tab's and an accordion's contents when they are first opened.
         page.click("#txt2img_seed_extras button, #txt2img_seed_extras .label-wrap")

@@ -19,9 +19,9 @@ from pydantic import ValidationError
 
 from modules import samplers
 from modules.api import ScriptEntry
-from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, check_override_settings, json_safe,
-                                current_job_of, decode_upload,
-                                dumps_info, encode_png_base64, invalid, raise_pydantic, submit, wait_for_job)
+from modules.api.common import (ApiContext, ApiError, Caller, caller_dependency, check_override_settings,
+                                current_job_of, decode_upload, dumps_info, encode_png_base64, invalid, json_safe,
+                                raise_pydantic, submit, validate_api_settings, wait_for_job)
 from modules.api.models import (A1111ProcessingBase, Img2ImgRequest, ImagesResponse, PngInfoRequest,
                                 PngInfoResponse, ProgressResponse, ProgressState, ScriptsList, Txt2ImgRequest)
 
@@ -321,14 +321,7 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
         must exist and is loaded before the call returns."""
         if context.auth.enabled and context.auth.admins and not who.admin:
             raise ApiError(403, "Only admins may change settings on this server", error="Forbidden")
-        values: dict[str, Any] = {}
-        for key, value in body.items():
-            try:
-                values.update(app.opts.validate({key: value}, is_api=True))
-            except PermissionError as exc:
-                raise ApiError(403, str(exc), error="Forbidden") from None
-            except ValueError as exc:
-                raise invalid(key, str(exc)) from None
+        values = validate_api_settings(app.opts, body)
         checkpoint = values.get("sd_model_checkpoint")
         if checkpoint is not None:
             info = app.registry.find_checkpoint(checkpoint) if checkpoint else None

@@ -315,17 +315,24 @@ async def wait_for_job(job: Any, *, poll_from: float = 0.005, poll_to: float = 0
         delay = min(delay * 1.5, poll_to)
 
 
-def check_override_settings(context: ApiContext, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Coerced overrides; 403 for settings the API may not set, 422 for unknown ones or bad values."""
-    app = context.app
+def validate_api_settings(opts: Any, values: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Settings sent over the API, coerced; 403 for those the API may not set (paths, code), 422 naming the
+    setting (under `prefix`) for unknown ones or bad values."""
     out: dict[str, Any] = {}
-    for key, value in overrides.items():
+    for key, value in values.items():
         try:
-            out.update(app.opts.validate({key: value}, is_api=True))
+            out.update(opts.validate({key: value}, is_api=True))
         except PermissionError as exc:
             raise ApiError(403, str(exc), error="Forbidden") from None
         except ValueError as exc:
-            raise invalid(("override_settings", key), str(exc)) from None
+            raise invalid((*prefix, key), str(exc)) from None
+    return out
+
+
+def check_override_settings(context: ApiContext, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Coerced overrides; 403 for settings the API may not set, 422 for unknown ones or bad values."""
+    app = context.app
+    out = validate_api_settings(app.opts, overrides, ("override_settings",))
     checkpoint = out.get("sd_model_checkpoint")
     if checkpoint:
         info = app.registry.find_checkpoint(checkpoint)
