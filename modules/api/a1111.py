@@ -143,10 +143,10 @@ def check_unsupported(body: A1111ProcessingBase, context: ApiContext) -> None:
         raise invalid("refiner_checkpoint", "the SDXL refiner is not supported yet; leave refiner_checkpoint empty")
     hires_checkpoint = getattr(body, "hr_checkpoint_name", None)
     if getattr(body, "enable_hr", False) and hires_checkpoint and hires_checkpoint not in _SAME_AS_FIRST_PASS:
-        registry = context.app.registry
+        registry = context.registry
         wanted = registry.find_checkpoint(hires_checkpoint)
-        first = (body.override_settings or {}).get("sd_model_checkpoint") or context.app.opts.get("sd_model_checkpoint")
-        active = context.app.models.active
+        first = (body.override_settings or {}).get("sd_model_checkpoint") or context.opts.get("sd_model_checkpoint")
+        active = context.models.active
         first_info = registry.find_checkpoint(first) if first else (active.info if active is not None else None)
         if wanted is None or first_info is None or wanted.title != first_info.title:
             raise invalid("hr_checkpoint_name", "a different checkpoint for the hires. fix pass is not supported yet; "
@@ -207,7 +207,7 @@ def images_response(job: Any, body: A1111ProcessingBase, context: ApiContext, ec
         info = {"infotexts": [], "all_seeds": [], "interrupted": True, "error": job.error or "cancelled"}
         return {"images": [], "parameters": echo, "info": dumps_info(info)}
     overrides = body.override_settings or {}
-    fmt = str(overrides.get("samples_format") or context.app.opts.get("samples_format") or "png")
+    fmt = str(overrides.get("samples_format") or context.opts.get("samples_format") or "png")
     images = list(result.images)
     infotexts = list(result.infotexts)
     info = dict(result.info)
@@ -227,12 +227,11 @@ def images_response(job: Any, body: A1111ProcessingBase, context: ApiContext, ec
 # Routes
 
 def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
-    app = context.app
     caller = caller_dependency(context)
     tags = ["A1111 API"]
 
     async def generate(body: A1111ProcessingBase, kind: str, who: Caller) -> dict[str, Any]:
-        body = await run_in_threadpool(apply_infotext, body, kind, app.opts)
+        body = await run_in_threadpool(apply_infotext, body, kind, context.opts)
         request = await run_in_threadpool(build_generation_request, body, kind, context)
         job = submit(context, request, who)
         await wait_for_job(job)
@@ -258,7 +257,7 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
     @server.get(f"{PREFIX}/progress", response_model=ProgressResponse, tags=tags)
     def progress(skip_current_image: bool = Query(False), who: Caller = Depends(caller)):
         """Progress of the caller's own job (running, else next queued), with A1111's formula."""
-        job = current_job_of(app.queue, who.owner)
+        job = current_job_of(context.queue, who.owner)
         if job is None:
             return ProgressResponse(progress=0, eta_relative=0, state=ProgressState(), textinfo=None)
         p = job.progress
@@ -269,7 +268,7 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
             sampling_steps=p.sampling_steps,
             job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)))
         if job.status == "queued":
-            position = app.queue.position(job)
+            position = context.queue.position(job)
             return ProgressResponse(progress=0.01, eta_relative=0, state=state, textinfo=f"In queue: {position}")
         value = 0.01 + p.job_no / job_count
         if p.sampling_steps > 0:
@@ -285,10 +284,10 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
     @server.post(f"{PREFIX}/interrupt", tags=tags)
     def interrupt(who: Caller = Depends(caller)):
         """Stop the caller's job (the running one, else the next queued one is cancelled)."""
-        job = current_job_of(app.queue, who.owner)
+        job = current_job_of(context.queue, who.owner)
         if job is not None:
             if job.status == "queued":
-                app.queue.cancel(job)
+                context.queue.cancel(job)
             else:
                 job.control.interrupt()
         return {}
@@ -296,7 +295,7 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
     @server.post(f"{PREFIX}/skip", tags=tags)
     def skip(who: Caller = Depends(caller)):
         """Skip the current batch of the caller's running job."""
-        job = current_job_of(app.queue, who.owner)
+        job = current_job_of(context.queue, who.owner)
         if job is not None and job.status == "running":
             job.control.skip()
         return None
@@ -304,9 +303,9 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
     @server.get(f"{PREFIX}/options", tags=tags)
     def get_options(who: Caller = Depends(caller)) -> dict[str, Any]:
         """Every setting under A1111's names, with the loaded checkpoint's title and sha256."""
-        options = app.opts.as_dict()
-        configured = app.registry.find_checkpoint(options.get("sd_model_checkpoint") or "")
-        active = app.models.active
+        options = context.opts.as_dict()
+        configured = context.registry.find_checkpoint(options.get("sd_model_checkpoint") or "")
+        active = context.models.active
         if configured is not None:  # what the next job without an override will use
             options["sd_model_checkpoint"] = configured.title
             options["sd_checkpoint_hash"] = configured.sha256 or ""
@@ -321,31 +320,31 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
         must exist and is loaded before the call returns."""
         if context.auth.enabled and context.auth.admins and not who.admin:
             raise ApiError(403, "Only admins may change settings on this server", error="Forbidden")
-        values = validate_api_settings(app.opts, body)
+        values = validate_api_settings(context.opts, body)
         checkpoint = values.get("sd_model_checkpoint")
         if checkpoint is not None:
-            info = app.registry.find_checkpoint(checkpoint) if checkpoint else None
+            info = context.registry.find_checkpoint(checkpoint) if checkpoint else None
             if info is None:
                 raise invalid("sd_model_checkpoint", f"model {checkpoint!r} not found; GET {PREFIX}/sd-models "
                                                      f"lists the titles")
             values["sd_model_checkpoint"] = info.title
         vae = values.get("sd_vae")
-        if vae and vae not in ("Automatic", "None") and app.registry.find_vae(vae) is None:
+        if vae and vae not in ("Automatic", "None") and context.registry.find_vae(vae) is None:
             raise invalid("sd_vae", f"VAE {vae!r} not found; GET {PREFIX}/sd-vae lists them")
         if checkpoint is not None or vae is not None:
             try:
-                with app.models.lock:
-                    app.models.ensure(values.get("sd_model_checkpoint"), vae or app.opts.get("sd_vae"))
+                with context.models.lock:
+                    context.models.ensure(values.get("sd_model_checkpoint"), vae or context.opts.get("sd_vae"))
             except Exception as exc:  # noqa: BLE001 - a file that will not load is the caller's choice: 422
                 field = "sd_model_checkpoint" if checkpoint is not None else "sd_vae"
                 raise invalid(field, f"could not load it: {exc}") from None
-        app.opts.set_many(values, is_api=True)
+        context.opts.set_many(values, is_api=True)
         return None
 
     @server.get(f"{PREFIX}/cmd-flags", tags=tags)
     def cmd_flags(who: Caller = Depends(caller)) -> dict[str, Any]:
         """The command-line flags (logins redacted)."""
-        flags = dict(vars(app.args))
+        flags = dict(vars(context.flags))
         for key in _REDACTED_FLAGS:
             if flags.get(key):
                 flags[key] = "<redacted>"
@@ -371,20 +370,20 @@ def add_a1111_routes(server: FastAPI, context: ApiContext) -> None:
     def sd_models(who: Caller = Depends(caller)):
         """Checkpoints with A1111's titles (`file.safetensors [shorthash]`)."""
         return [{"title": c.title, "model_name": c.model_name, "hash": c.shorthash, "sha256": c.sha256,
-                 "filename": c.filename, "config": None} for c in app.registry.checkpoints]
+                 "filename": c.filename, "config": None} for c in context.registry.checkpoints]
 
     @server.get(f"{PREFIX}/sd-vae", tags=tags)
     def sd_vae(who: Caller = Depends(caller)):
-        return [{"model_name": v.model_name, "filename": v.filename} for v in app.registry.vaes]
+        return [{"model_name": v.model_name, "filename": v.filename} for v in context.registry.vaes]
 
     @server.post(f"{PREFIX}/refresh-checkpoints", tags=tags)
     def refresh_checkpoints(who: Caller = Depends(caller)):
-        app.registry.refresh()
+        context.registry.refresh()
         return None
 
     @server.post(f"{PREFIX}/refresh-vae", tags=tags)
     def refresh_vae(who: Caller = Depends(caller)):
-        app.registry.refresh()
+        context.registry.refresh()
         return None
 
     @server.post(f"{PREFIX}/refresh-embeddings", tags=tags)

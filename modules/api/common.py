@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, NoReturn, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -48,26 +48,26 @@ SERVED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".avif", ".gif", 
 
 @dataclass
 class ApiContext:
-    """What the routes need from the App, built once per server."""
+    """The services the routes use, handed over by the App once per server (not the App itself)."""
 
-    app: Any
+    submit_job: Callable[[Any, str], Any]  # App.submit: the request gate, then the queue
+    queue: Any  # modules.jobs.JobQueue
+    registry: Any  # modules.model_registry.ModelRegistry
+    models: Any  # modules.model_manager.ModelManager
+    opts: Any  # modules.options.Options
+    styles: Any  # modules.styles.StyleDatabase (the page and the gate use the same one)
+    outputs_dir: Path
+    flags: Any  # the parsed command line (cmd-flags, listening)
     auth: AuthConfig
     limits: RequestLimits
     providers: ApiProviders
 
-    @property
-    def styles(self) -> Any:
-        """styles.csv in the data dir: the App's one StyleDatabase (the page and the gate use it too)."""
-        return self.app.styles
-
     @classmethod
     def for_app(cls, app: Any) -> "ApiContext":
-        providers = getattr(app, "api_providers", None)
-        if providers is None:
-            providers = ApiProviders()
-            app.api_providers = providers
-        return cls(app=app, auth=auth_config_from_args(app.args, app.logins),
-                   limits=RequestLimits.from_args(app.args), providers=providers)
+        return cls(submit_job=app.submit, queue=app.queue, registry=app.registry, models=app.models, opts=app.opts,
+                   styles=app.styles, outputs_dir=Path(app.paths.outputs_dir), flags=app.args,
+                   auth=auth_config_from_args(app.args, app.logins), limits=app.gate.limits,
+                   providers=app.api_providers)
 
 
 @dataclass(frozen=True)
@@ -331,20 +331,20 @@ def validate_api_settings(opts: Any, values: dict[str, Any], prefix: tuple[str, 
 
 def check_override_settings(context: ApiContext, overrides: dict[str, Any]) -> dict[str, Any]:
     """Coerced overrides; 403 for settings the API may not set, 422 for unknown ones or bad values."""
-    app = context.app
-    out = validate_api_settings(app.opts, overrides, ("override_settings",))
+    registry = context.registry
+    out = validate_api_settings(context.opts, overrides, ("override_settings",))
     checkpoint = out.get("sd_model_checkpoint")
     if checkpoint:
-        info = app.registry.find_checkpoint(checkpoint)
+        info = registry.find_checkpoint(checkpoint)
         if info is None:
-            app.registry.refresh()
-            info = app.registry.find_checkpoint(checkpoint)
+            registry.refresh()
+            info = registry.find_checkpoint(checkpoint)
         if info is None:
             raise invalid(("override_settings", "sd_model_checkpoint"), f"Checkpoint {checkpoint!r} not found; "
                           f"GET /sdapi/v1/sd-models lists the titles")
         out["sd_model_checkpoint"] = info.title
     vae = out.get("sd_vae")
-    if vae and vae not in ("Automatic", "None") and app.registry.find_vae(vae) is None:
+    if vae and vae not in ("Automatic", "None") and registry.find_vae(vae) is None:
         raise invalid(("override_settings", "sd_vae"), f"VAE {vae!r} not found; GET /sdapi/v1/sd-vae lists them")
     return out
 
@@ -353,7 +353,7 @@ def submit(context: ApiContext, request: Any, caller: Caller) -> Any:
     from modules.jobs import QueueFullError
 
     try:
-        return context.app.submit(request, caller.owner)
+        return context.submit_job(request, caller.owner)
     except QueueFullError as exc:
         raise ApiError(429, str(exc), error="QueueFull") from None
 
@@ -363,7 +363,7 @@ def visible_job(context: ApiContext, job_id: str, caller: Caller) -> Any:
     from modules.jobs import JobNotFound
 
     try:
-        job = context.app.queue.get(job_id)
+        job = context.queue.get(job_id)
     except (JobNotFound, KeyError):
         job = None
     if job is None or not (caller.admin or job.owner == caller.owner):

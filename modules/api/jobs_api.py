@@ -95,7 +95,6 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 def add_job_routes(server: FastAPI, context: ApiContext) -> None:
-    app = context.app
     caller = caller_dependency(context)
     tags = ["Jobs"]
 
@@ -110,22 +109,22 @@ def add_job_routes(server: FastAPI, context: ApiContext) -> None:
         """Queue a generation; returns its id and place in the queue at once."""
         request = await run_in_threadpool(build_native_request, body, context)
         job = submit(context, request, who)
-        return {"id": job.id, "status": job.status, "position": app.queue.position(job)}
+        return {"id": job.id, "status": job.status, "position": context.queue.position(job)}
 
     @server.get(PREFIX, response_model=list[JobStatus], tags=tags)
     def list_jobs(all_users: bool = Query(False, alias="all", description="admins: every user's jobs"),
                   who: Caller = Depends(caller)):
         """The caller's jobs, oldest first (admins may pass ?all=true)."""
-        found = _every_job(app.queue) if all_users and who.admin else app.queue.jobs_of(who.owner)
+        found = _every_job(context.queue) if all_users and who.admin else context.queue.jobs_of(who.owner)
         jobs = sorted(found, key=lambda j: (j.created, j.seq))
-        return [job_status(j, app.queue) for j in jobs]
+        return [job_status(j, context.queue) for j in jobs]
 
     @server.get(PREFIX + "/{job_id}", response_model=JobStatus, tags=tags)
     def get_job(job_id: str, preview: bool = Query(False, description="include the latest live preview"),
                 who: Caller = Depends(caller)):
         """Status: queue position, step, steps, progress, ETA, error."""
         job = visible_job(context, job_id, who)
-        return job_status(job, app.queue, with_preview=preview)
+        return job_status(job, context.queue, with_preview=preview)
 
     @server.get(PREFIX + "/{job_id}/events", tags=tags,
                 responses={200: {"content": {"text/event-stream": {}},
@@ -142,16 +141,16 @@ def add_job_routes(server: FastAPI, context: ApiContext) -> None:
             while True:
                 p = job.progress
                 new_preview = previews and p.preview is not None and p.preview_step != last_preview_step
-                key = (job.status, p.job_no, p.sampling_step, p.sampling_steps, app.queue.position(job))
+                key = (job.status, p.job_no, p.sampling_step, p.sampling_steps, context.queue.position(job))
                 if key != last_key or new_preview:
-                    status = await run_in_threadpool(job_status, job, app.queue, with_preview=new_preview)
+                    status = await run_in_threadpool(job_status, job, context.queue, with_preview=new_preview)
                     if new_preview:
                         last_preview_step = p.preview_step
                     last_key = key
                     last_sent = time.monotonic()
                     yield _sse("progress", status)
                 if job.done.is_set():
-                    yield _sse("end", job_status(job, app.queue))
+                    yield _sse("end", job_status(job, context.queue))
                     return
                 if time.monotonic() - last_sent > HEARTBEAT_SECONDS:
                     last_sent = time.monotonic()
@@ -188,8 +187,8 @@ def add_job_routes(server: FastAPI, context: ApiContext) -> None:
         """Cancel a queued job, or interrupt a running one (its images so far are kept)."""
         job = visible_job(context, job_id, who)
         if not job.done.is_set():
-            app.queue.cancel(job)
-        return job_status(job, app.queue)
+            context.queue.cancel(job)
+        return job_status(job, context.queue)
 
     @server.get("/outputs/{path:path}", tags=["Files"], responses={200: {"content": {"image/png": {}}}})
     def output_file(path: str, who: Caller = Depends(caller)):
@@ -199,7 +198,7 @@ def add_job_routes(server: FastAPI, context: ApiContext) -> None:
 
         if not who.admin:
             raise ApiError(404, "Not found", error="NotFound")
-        found = safe_output_path(app.paths.outputs_dir, path)
+        found = safe_output_path(context.outputs_dir, path)
         if found is None:
             raise ApiError(404, "Not found", error="NotFound")
         return FileResponse(found)
