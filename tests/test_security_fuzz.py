@@ -840,6 +840,19 @@ def _kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def _run_and_kill(data: Path, jobs: int, ready, *, step: float) -> Path:
+    """Start app.py on `data`, queue `jobs` slow saving jobs, SIGKILL it once `ready(port, ids)`; its log."""
+    proc, port, log = _start(data)
+    try:
+        ids = _submit_slow_jobs(port, jobs)
+        _wait(lambda: ready(port, ids), 120, proc, log, step=step)
+        _kill(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return log
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")
 def test_sigkill_while_jobs_save_leaves_no_partial_image(tmp_path):
     """app.py killed twice on one data dir: (1) the moment a save is in flight, with the batch's first image
@@ -850,19 +863,11 @@ def test_sigkill_while_jobs_save_leaves_no_partial_image(tmp_path):
     results = {}
 
     # (1) mid-save: a final image exists and the next save's temporary file is open
-    proc, port, log = _start(data)
-    try:
-        _submit_slow_jobs(port, 3)
+    def mid_save(port: int, ids: list[str]) -> bool:
+        files = _output_files(outputs)
+        return any(_is_temporary(p) for p in files) and any(not _is_temporary(p) for p in files)
 
-        def mid_save() -> bool:
-            files = _output_files(outputs)
-            return any(_is_temporary(p) for p in files) and any(not _is_temporary(p) for p in files)
-
-        _wait(mid_save, 120, proc, log, step=0)
-        _kill(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _run_and_kill(data, 3, mid_save, step=0)
     complete, leftovers = _check_outputs_after_kill(outputs)
     assert complete, "the batch's first image was saved before the kill"
     results["mid-save"] = (len(complete), [(p.name, p.stat().st_size) for p in leftovers])
@@ -872,21 +877,13 @@ def test_sigkill_while_jobs_save_leaves_no_partial_image(tmp_path):
 
     # (2) restarted on the same outputs; killed while job 2 samples: no save is in flight, so nothing new may be
     # left over, and the saves made next to the stale reservation took fresh numbers
-    proc, port, log = _start(data)
-    try:
-        first, second = _submit_slow_jobs(port, 2)
-
+    def second_job_sampling(port: int, ids: list[str]) -> bool:
         def status(job_id: str) -> dict[str, Any]:
             return requests.get(f"http://127.0.0.1:{port}{JOBS}/{job_id}", timeout=10).json()
 
-        def second_job_sampling() -> bool:
-            return status(first)["status"] == "done" and status(second)["step"] >= 2
+        return status(ids[0])["status"] == "done" and status(ids[1])["step"] >= 2
 
-        _wait(second_job_sampling, 120, proc, log, step=0.05)
-        _kill(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    log = _run_and_kill(data, 2, second_job_sampling, step=0.05)
     complete_after, leftovers_after = _check_outputs_after_kill(outputs)
     assert not leftovers_after, f"left over after a restart and a kill with no save in flight: {leftovers_after}"
     if stale:
