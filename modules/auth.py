@@ -232,7 +232,8 @@ def machine_hosts() -> set[str]:
     try:
         hostname = socket.gethostname().lower()
         if hostname:
-            names |= {hostname, hostname.split(".")[0]}
+            short = hostname.split(".")[0]
+            names |= {hostname, short, f"{short}.local"}  # .local: the mDNS name LAN users often type
     except OSError:
         pass
     try:

@@ -190,7 +190,7 @@ def test_listening_allows_the_machines_own_addresses(monkeypatch):
     monkeypatch.setattr(psutil, "net_if_addrs", lambda: {"eth0": fake})
     monkeypatch.setattr(socket, "gethostname", lambda: "studio-box.lan")
     listening = _policy(listen=True)
-    for host in ("192.168.7.9:7860", "[fe80::1]:7860", "studio-box:7860", "studio-box.lan"):
+    for host in ("192.168.7.9:7860", "[fe80::1]:7860", "studio-box:7860", "studio-box.lan", "studio-box.local:7860"):
         assert listening.allows(host), host
     assert not listening.allows("evil.example") and not listening.allows("192.168.7.10")
     assert not _policy().allows("192.168.7.9")  # loopback-only servers answer to loopback names only
