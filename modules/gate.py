@@ -8,7 +8,7 @@ tiles) all meet the same checks, in one place:
   once into the request's `GenerationPlan` (modules/plan.py), which the job then runs;
 - the scripts the request names and their arguments; a selectable script that knows which requests it will
   run (`Script.planned_requests`) has every one of them checked too, and their total work, before the job
-  is queued; each request a script actually runs is checked again when it runs (`Gate.check_running`).
+  is queued; a request a script changes is checked again when it runs (`Gate.plan_running`).
 
 A failure is a `RequestError(field, message)`: the APIs answer 422 naming the field, the page shows the
 message, and nothing is queued.
@@ -115,8 +115,8 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> Generati
 
 
 class Gate:
-    """The queue's door: `admit(request)` before a job is queued, `check_running(request)` for each
-    generation a job runs (a script may change `p.request` between generations)."""
+    """The queue's door: `admit(request)` before a job is queued; `plan_running(request)` for a generation a
+    job runs from a request a script changed (`p.request`) since it was admitted."""
 
     def __init__(self, limits: RequestLimits, scripts: Any = None, styles: Any = None):
         self.limits = limits
@@ -175,7 +175,7 @@ class Gate:
         except RequestError as exc:
             raise RequestError("", problems=[(("script_args", *loc), f"{title}: {text}")
                                              for loc, text in exc.problems]) from None
-        except ValueError as exc:  # noqa: BLE001 - an argument the script cannot use: the user's input
+        except ValueError as exc:  # an argument the script cannot use: the user's input
             raise RequestError("script_args", f"{title}: {exc}") from None
         total = 0
         generations = 0

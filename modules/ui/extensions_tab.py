@@ -137,7 +137,7 @@ def build_extensions_tab(app: Any) -> ExtensionsTab:
                 # without logins the page cannot tell its user from a page on another site driving the browser
                 gr.HTML(notice_html("Installing from the page needs an admin login (--auth with --admin-users). "
                                     "Install on the server's console instead: "
-                                    "<code>python app.py --install-extension https://...</code>", "info"),
+                                    "python app.py --install-extension https://...", "info"),
                         elem_id="extensions_install_console")
                 can_install = False
             if listening:
@@ -180,15 +180,15 @@ def apply_enabled(app: Any, names: Iterable[str] | None, *, listening: bool) -> 
     newly_enabled = [row.name for row in rows if row.name in wanted and not row.enabled]
     if newly_enabled:
         # an extension is code: which code runs is decided on the server's console, never by a web page
-        commands = " ".join(f"--enable-extension {html.escape(n)}" for n in newly_enabled)
+        commands = " ".join(f"--enable-extension {n}" for n in newly_enabled)
         return notice_html(f"Extensions are enabled from the console, not the page: stop Athanor and run "
-                           f"<code>python app.py {commands}</code>. Nothing was changed.", "error"), gr.skip()
+                           f"python app.py {commands}. Nothing was changed.", "error"), gr.skip()
     try:
         for row in rows:
             if row.enabled and row.name not in wanted:
                 loader.set_enabled(row.name, False)
     except Exception as exc:  # noqa: BLE001 - the loader's own message is the useful one
-        return notice_html(f"Could not change the extensions: {html.escape(str(exc))}", "error"), gr.skip()
+        return notice_html(f"Could not change the extensions: {exc}", "error"), gr.skip()
     rows, from_loader = installed_extensions(app)
     return (notice_html("Saved. Restart Athanor to unload the extensions you disabled.", "info"),
             extensions_table(rows, from_loader))
@@ -208,17 +208,17 @@ def connect_extensions(app: Any, tab: ExtensionsTab) -> None:
                                "error"), gr.skip()
         if not page_may_install(app, getattr(request, "username", None)):
             return notice_html("Installing from the page needs an admin login; on the server's console run "
-                               "<code>python app.py --install-extension URL</code>.", "error"), gr.skip()
+                               "python app.py --install-extension URL.", "error"), gr.skip()
         loader = getattr(app, "extensions", None)
         if not isinstance(loader, ExtensionManager):
             return notice_html("Installing from a URL is not available in this build.", "error"), gr.skip()
         try:
             name = install_from_url(loader, (url or "").strip(), listening=listening)
         except Exception as exc:  # noqa: BLE001
-            return notice_html(f"Could not install: {html.escape(str(exc))}", "error"), gr.skip()
+            return notice_html(f"Could not install: {exc}", "error"), gr.skip()
         rows, from_loader = installed_extensions(app)
         return (notice_html(f"Installed {name} (disabled). To run its installer and enable it, stop Athanor and run "
-                            f"<code>python app.py --enable-extension {name}</code>, then start it again.", "info"),
+                            f"python app.py --enable-extension {name}, then start it again.", "info"),
                 extensions_table(rows, from_loader))
 
     tab.install.click(on_install, inputs=[tab.install_url], outputs=[tab.result, tab.table], api_visibility=PRIVATE)
